@@ -1,0 +1,1 @@
+//! factline domain layer (work in progress).

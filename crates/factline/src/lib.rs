@@ -1,0 +1,1 @@
+//! factline facade (work in progress).

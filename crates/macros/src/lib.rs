@@ -1,0 +1,1 @@
+//! Derive macros for factline (work in progress).
