@@ -1,1 +1,65 @@
-fn main() {}
+//! `factline`: the command-line tool. Commands arrive with their issues (serve, append, read,
+//! tail, export, import, verify, migrate, bench); this skeleton carries the ones that need no
+//! storage yet. Exit codes: 0 success, 1 failure, 2 usage error (clap).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+/// factline: an event store and event-driven messaging toolkit.
+#[derive(Debug, Parser)]
+#[command(name = "factline", version, about, long_about = None, arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the limits every store enforces by default.
+    Limits {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a stream id against the naming rules and print its category.
+    CheckStreamId {
+        /// The stream id, e.g. order-42.
+        stream: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Limits { json } => {
+            let limits = factline_core::Limits::default();
+            let value = serde_json::to_value(&limits).context("encoding the limits")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else if let Some(fields) = value.as_object() {
+                for (name, max) in fields {
+                    println!("{name:<26} {max}");
+                }
+            }
+        }
+        Command::CheckStreamId { stream } => {
+            let id = factline_core::StreamId::new(&stream)
+                .with_context(|| format!("stream id {stream:?} is not valid"))?;
+            println!("valid; category {:?}", id.category());
+        }
+    }
+    Ok(())
+}

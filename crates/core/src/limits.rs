@@ -6,7 +6,7 @@ use crate::{EventData, ids};
 
 /// The limits a store enforces. Every backend exposes its own through
 /// [`EventStore::limits`](crate::EventStore::limits); the conformance suite reads them from there.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Limits {
     /// Largest event: type + data + metadata keys and values, in bytes. Default 1 MiB.

@@ -5,6 +5,8 @@
 //! `Fault::None` shows the wrapper itself keeps the contract, so the failures come from the
 //! faults alone.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code reports by panicking
+
 use async_trait::async_trait;
 use factline_core::{
     AllSlice, AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode, Direction,

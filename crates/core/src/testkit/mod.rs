@@ -127,9 +127,11 @@ macro_rules! event_store_conformance {
 
 /// A boxed conformance case.
 pub type CaseFuture = BoxFuture<'static, ()>;
+/// A named conformance case for store type `S`.
+pub type NamedCase<S> = (&'static str, fn(S) -> CaseFuture);
 
 /// Every case, by name, for a store type.
-pub fn all_cases<S: TestStore>() -> Vec<(&'static str, fn(S) -> CaseFuture)> {
+pub fn all_cases<S: TestStore>() -> Vec<NamedCase<S>> {
     crate::event_store_conformance!(@list @table)
 }
 
