@@ -43,7 +43,10 @@ pub use event::{ContentType, EventData, Metadata, RecordedEvent};
 pub use ids::{EVENT_TYPE_BYTES_MAX, STREAM_ID_BYTES_MAX, StreamId, StreamIdError, category_of};
 pub use limits::{EventsRejected, InvalidEvent, Limit, LimitExceeded, Limits};
 pub use memory::InMemoryStore;
-pub use rules::{AppendDecision, StreamView, decide_append, expected_version_holds, stream_state};
+pub use rules::{
+    AppendDecision, StreamView, check_append_requests, decide_append, expected_version_holds,
+    stream_state,
+};
 pub use store::{
     AllSlice, AppendRequest, AppendResult, DeleteMode, Direction, EventFilter, EventStore,
     ReadAllOptions, ReadStreamOptions, Snapshot, SnapshotStore, StreamMetadata, StreamSlice,

@@ -2,7 +2,7 @@
 //! nothing across restarts and grows with the data (no retention is applied physically).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
@@ -11,12 +11,12 @@ use uuid::Uuid;
 
 use crate::{
     AllSlice, AppendDecision, AppendError, AppendRequest, AppendResult, ChangeNotifier,
-    DeleteError, DeleteMode, Direction, EventFilter, EventStore, EventsRejected, ExpectedVersion,
-    Limit, LimitExceeded, Limits, MetadataError, Position, ReadAllError, ReadAllOptions,
-    ReadStreamError, ReadStreamOptions, RecordedEvent, Revision, Snapshot, SnapshotError,
-    SnapshotStore, StorageError, StreamId, StreamMetadata, StreamSlice, StreamView, SubscribeError,
-    SubscribeFrom, Subscription, Timestamp, decide_append, expected_version_holds, follow_all,
-    follow_stream, stream_state,
+    DeleteError, DeleteMode, Direction, EventFilter, EventStore, ExpectedVersion, Limit,
+    LimitExceeded, Limits, MetadataError, Position, ReadAllError, ReadAllOptions, ReadStreamError,
+    ReadStreamOptions, RecordedEvent, Revision, Snapshot, SnapshotError, SnapshotStore,
+    StorageError, StreamId, StreamMetadata, StreamSlice, StreamView, SubscribeError, SubscribeFrom,
+    Subscription, Timestamp, check_append_requests, decide_append, expected_version_holds,
+    follow_all, follow_stream, stream_state,
 };
 
 /// An event store held in memory. Cheap to clone; clones share the data.
@@ -152,27 +152,6 @@ impl InMemoryStore {
     }
 }
 
-fn check_requests(limits: &Limits, requests: &[AppendRequest]) -> Result<(), AppendError> {
-    if requests.is_empty() || requests.iter().any(|r| r.events.is_empty()) {
-        return Err(EventsRejected::Empty.into());
-    }
-    LimitExceeded::check(
-        Limit::StreamsPerAppend,
-        limits.streams_per_append_max,
-        requests.len(),
-    )?;
-    let mut streams = HashSet::new();
-    for request in requests {
-        if !streams.insert(&request.stream) {
-            return Err(AppendError::DuplicateStream {
-                stream: request.stream.clone(),
-            });
-        }
-    }
-    limits.check_events(requests.iter().flat_map(|r| r.events.iter()))?;
-    Ok(())
-}
-
 #[async_trait]
 impl EventStore for InMemoryStore {
     fn limits(&self) -> &Limits {
@@ -183,7 +162,7 @@ impl EventStore for InMemoryStore {
         &self,
         requests: Vec<AppendRequest>,
     ) -> Result<Vec<AppendResult>, AppendError> {
-        check_requests(&self.inner.limits, &requests)?;
+        check_append_requests(&self.inner.limits, &requests)?;
         let mut state = self.write();
         let now = Timestamp::now();
         let mut decisions = Vec::with_capacity(requests.len());

@@ -8,7 +8,39 @@
 
 use uuid::Uuid;
 
-use crate::{AppendError, EventData, ExpectedVersion, Revision, StreamId, StreamState};
+use std::collections::HashSet;
+
+use crate::{
+    AppendError, AppendRequest, EventData, EventsRejected, ExpectedVersion, Limit, LimitExceeded,
+    Limits, Revision, StreamId, StreamState,
+};
+
+/// Validates an `append_multi` request before any stored state is consulted: at least one
+/// stream, each with at least one event, no stream twice, and every limit of
+/// [`Limits::check_events`] over all events together.
+pub fn check_append_requests(
+    limits: &Limits,
+    requests: &[AppendRequest],
+) -> Result<(), AppendError> {
+    if requests.is_empty() || requests.iter().any(|r| r.events.is_empty()) {
+        return Err(EventsRejected::Empty.into());
+    }
+    LimitExceeded::check(
+        Limit::StreamsPerAppend,
+        limits.streams_per_append_max,
+        requests.len(),
+    )?;
+    let mut streams = HashSet::new();
+    for request in requests {
+        if !streams.insert(&request.stream) {
+            return Err(AppendError::DuplicateStream {
+                stream: request.stream.clone(),
+            });
+        }
+    }
+    limits.check_events(requests.iter().flat_map(|r| r.events.iter()))?;
+    Ok(())
+}
 
 /// What a backend knows about one stream when it checks an append.
 pub trait StreamView {

@@ -187,9 +187,20 @@ impl ModelStream {
             ExpectedVersion::Exact(r) => self.last() == Some(r.0),
         }
     }
+    /// The newest revision holding `id` (with an idempotency window, an old id can be
+    /// written again once it left the window).
     fn position_of(&self, id: Uuid) -> Option<usize> {
-        self.events.iter().position(|(e, _)| *e == id)
+        self.events.iter().rposition(|(e, _)| *e == id)
     }
+}
+
+/// What a backend declares about itself to the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// For `Any`, `NoStream` and `StreamExists` retries, how many of a stream's newest events the
+    /// backend searches for the request's ids (`None`: all of them). `Exact(r)` retries are
+    /// always recognized: the events at `r + 1 …` count as searched.
+    pub idempotency_window_events: Option<usize>,
 }
 
 /// The reference model.
@@ -198,6 +209,7 @@ pub struct Model {
     /// (stream, revision, id) by position.
     log: Vec<(String, u64, Uuid)>,
     streams: BTreeMap<String, ModelStream>,
+    config: ModelConfig,
 }
 
 enum Verdict {
@@ -237,8 +249,17 @@ impl Model {
         if s.tombstoned {
             return Err(Outcome::Deleted);
         }
-        if ids.iter().any(|id| s.position_of(*id).is_some()) {
-            if let Some(k) = s.position_of(ids[0]) {
+        let len = s.events.len();
+        let searched = |revision: usize| {
+            self.config
+                .idempotency_window_events
+                .is_none_or(|window| revision + window >= len)
+                || matches!(expected, ExpectedVersion::Exact(r)
+                    if revision as u64 > r.0 && (revision as u64) <= r.0 + ids.len() as u64)
+        };
+        let known = |id: Uuid| s.position_of(id).filter(|revision| searched(*revision));
+        if ids.iter().any(|id| known(*id).is_some()) {
+            if let Some(k) = known(ids[0]) {
                 let contiguous = ids
                     .iter()
                     .enumerate()
@@ -399,8 +420,15 @@ fn fresh(count: usize) -> Vec<EventData> {
 }
 
 /// Runs `ops` against a store and the model; `Err` describes the first disagreement.
-pub async fn run_ops<S: TestStore>(store: S, ops: &[Op]) -> Result<(), String> {
-    let mut model = Model::default();
+pub async fn run_ops<S: TestStore>(
+    store: S,
+    ops: &[Op],
+    config: ModelConfig,
+) -> Result<(), String> {
+    let mut model = Model {
+        config,
+        ..Model::default()
+    };
     // Earlier single-stream appends: (stream, expected, events).
     let mut history: Vec<(String, ExpectedVersion, Vec<EventData>)> = Vec::new();
     for (step, op) in ops.iter().enumerate() {
@@ -558,6 +586,16 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = S>,
 {
+    check_against_model_with(factory, cases, ModelConfig::default());
+}
+
+/// [`check_against_model`] for a backend that declares a [`ModelConfig`].
+pub fn check_against_model_with<S, F, Fut>(factory: F, cases: u32, config: ModelConfig)
+where
+    S: TestStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -569,7 +607,7 @@ where
     });
     let result = runner.run(&ops(), |ops| {
         runtime
-            .block_on(async { run_ops(factory().await, &ops).await })
+            .block_on(async { run_ops(factory().await, &ops, config).await })
             .map_err(TestCaseError::fail)
     });
     match result {

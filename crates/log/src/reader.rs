@@ -1,0 +1,226 @@
+//! Reading committed records: single records, batches of known offsets, and sequential scans.
+//!
+//! Readers use positional reads on shared file handles and never wait for the writer; they only
+//! ever follow offsets the writer published after its `fdatasync`.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use factline_core::{EventFilter, RecordedEvent, StorageError};
+
+use crate::{
+    format::{DecodeError, Record, decode_record},
+    index::{Index, LogOffset},
+    storage::{StorageFile, read_exact_at},
+};
+
+/// The first read of a record guesses this many bytes and reads more only if needed.
+const RECORD_GUESS_BYTES: usize = 4 * 1024;
+/// A batch of offsets within this span of one segment is read with one `pread`.
+const BATCH_SPAN_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Open segment files plus the index, shared by readers and the writer.
+#[derive(Debug)]
+pub(crate) struct Files {
+    /// Segment files by number.
+    pub(crate) segments: RwLock<Vec<Arc<dyn StorageFile>>>,
+}
+
+impl Files {
+    fn file(&self, segment: u64) -> Result<Arc<dyn StorageFile>, StorageError> {
+        let segments = self
+            .segments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        segments
+            .get(segment as usize)
+            .cloned()
+            .ok_or_else(|| corrupt(LogOffset::new(segment, 0), "segment is not open"))
+    }
+
+    /// Reads and decodes the record at `at`.
+    pub(crate) fn record_at(&self, at: LogOffset) -> Result<Record, StorageError> {
+        let file = self.file(at.segment())?;
+        let mut buffer = vec![0u8; RECORD_GUESS_BYTES];
+        let n = read_some(&*file, &mut buffer, at.offset())?;
+        buffer.truncate(n);
+        match decode_record(&buffer, None) {
+            Ok(framed) => Ok(framed.record),
+            Err(DecodeError::Truncated { needed, .. }) => {
+                let mut whole = vec![0u8; needed];
+                read_exact_at(&*file, &mut whole, at.offset()).map_err(StorageError::backend)?;
+                decode_record(&whole, None)
+                    .map(|framed| framed.record)
+                    .map_err(|error| corrupt(at, &error.to_string()))
+            }
+            Err(error) => Err(corrupt(at, &error.to_string())),
+        }
+    }
+
+    /// Reads the events at `offsets` (in that order), one `pread` per run of nearby offsets.
+    pub(crate) fn events_at(
+        &self,
+        offsets: &[LogOffset],
+    ) -> Result<Vec<RecordedEvent>, StorageError> {
+        let mut out = Vec::with_capacity(offsets.len());
+        let mut i = 0;
+        while i < offsets.len() {
+            let first = offsets[i];
+            // Extend the run while offsets stay in one segment, ascending, within the span.
+            let mut j = i + 1;
+            while j < offsets.len()
+                && offsets[j].segment() == first.segment()
+                && offsets[j] > offsets[j - 1]
+                && offsets[j].offset() - first.offset() < BATCH_SPAN_BYTES_MAX
+            {
+                j += 1;
+            }
+            let run = &offsets[i..j];
+            if run.len() == 1 {
+                out.push(expect_event(self.record_at(first)?, first)?);
+            } else {
+                let file = self.file(first.segment())?;
+                let last = run[run.len() - 1];
+                let span = (last.offset() - first.offset()) as usize + RECORD_GUESS_BYTES;
+                let mut buffer = vec![0u8; span];
+                let n = read_some(&*file, &mut buffer, first.offset())?;
+                buffer.truncate(n);
+                for at in run {
+                    let start = (at.offset() - first.offset()) as usize;
+                    let record = match decode_record(&buffer[start..], None) {
+                        Ok(framed) => framed.record,
+                        Err(DecodeError::Truncated { .. }) => self.record_at(*at)?,
+                        Err(error) => return Err(corrupt(*at, &error.to_string())),
+                    };
+                    out.push(expect_event(record, *at)?);
+                }
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// Scans forwards from the record at `from`, returning matching events until `limit` events
+    /// matched, `scan_bytes_max` bytes were read, or `end` (the committed end) was reached.
+    pub(crate) fn scan(
+        &self,
+        from: LogOffset,
+        end: LogOffset,
+        limit: usize,
+        filter: &EventFilter,
+        chunk_bytes: usize,
+        scan_bytes_max: u64,
+    ) -> Result<ScanResult, StorageError> {
+        let mut events = Vec::new();
+        let mut at = from;
+        let mut scanned = 0u64;
+        let mut buffer = Vec::new();
+        let mut last_examined = None;
+        loop {
+            if at >= end || events.len() >= limit || scanned >= scan_bytes_max {
+                return Ok(ScanResult {
+                    events,
+                    last_examined,
+                    reached_end: at >= end,
+                });
+            }
+            let file = self.file(at.segment())?;
+            let segment_end = if at.segment() == end.segment() {
+                end.offset()
+            } else {
+                file.size_bytes().map_err(StorageError::backend)?
+            };
+            if at.offset() >= segment_end {
+                at = LogOffset::new(at.segment() + 1, crate::format::SEGMENT_HEADER_LEN as u64);
+                continue;
+            }
+            let want = chunk_bytes.min((segment_end - at.offset()) as usize);
+            buffer.resize(want, 0);
+            read_exact_at(&*file, &mut buffer, at.offset()).map_err(StorageError::backend)?;
+            let mut cursor = 0usize;
+            while cursor < buffer.len() && events.len() < limit {
+                match decode_record(&buffer[cursor..], None) {
+                    Ok(framed) => {
+                        if let Record::Event(event) = framed.record {
+                            last_examined = Some(event.position);
+                            if filter.matches_event(&event) {
+                                events.push(event);
+                            }
+                        }
+                        cursor += framed.len_bytes;
+                    }
+                    Err(DecodeError::Truncated { needed, .. }) if cursor == 0 => {
+                        // One record larger than the chunk: read it whole.
+                        buffer.resize(needed, 0);
+                        read_exact_at(&*file, &mut buffer, at.offset())
+                            .map_err(StorageError::backend)?;
+                        continue;
+                    }
+                    Err(DecodeError::Truncated { .. }) => break,
+                    Err(error) => {
+                        let bad = LogOffset::new(at.segment(), at.offset() + cursor as u64);
+                        return Err(corrupt(bad, &error.to_string()));
+                    }
+                }
+            }
+            scanned += cursor as u64;
+            at = LogOffset::new(at.segment(), at.offset() + cursor as u64);
+        }
+    }
+}
+
+/// What [`Files::scan`] found.
+#[derive(Debug)]
+pub(crate) struct ScanResult {
+    /// The matching events.
+    pub(crate) events: Vec<RecordedEvent>,
+    /// The position of the last event examined (matching or not).
+    pub(crate) last_examined: Option<factline_core::Position>,
+    /// True when the scan reached the committed end.
+    pub(crate) reached_end: bool,
+}
+
+fn read_some(
+    file: &dyn StorageFile,
+    buffer: &mut [u8],
+    offset: u64,
+) -> Result<usize, StorageError> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read_at(&mut buffer[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(error) => return Err(StorageError::backend(error)),
+        }
+    }
+    Ok(filled)
+}
+
+fn expect_event(record: Record, at: LogOffset) -> Result<RecordedEvent, StorageError> {
+    match record {
+        Record::Event(event) => Ok(event),
+        _ => Err(corrupt(
+            at,
+            "the index points at a record that is not an event",
+        )),
+    }
+}
+
+/// A storage error for damaged data found while reading.
+pub(crate) fn corrupt(at: LogOffset, reason: &str) -> StorageError {
+    StorageError::Backend(
+        format!(
+            "corrupt record in segment {} at offset {}: {reason}",
+            at.segment(),
+            at.offset()
+        )
+        .into(),
+    )
+}
+
+/// Read access to the index that tolerates a poisoned lock (a panic elsewhere is a bug, the
+/// index itself is only changed in whole steps).
+pub(crate) fn read_index(index: &RwLock<Index>) -> RwLockReadGuard<'_, Index> {
+    index
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,600 @@
+//! The writer thread: group commit (see `docs/design/log-format.md`, "Commit protocol").
+//!
+//! It runs on its own OS thread because it spends its life in `pwrite` and `fdatasync`, which
+//! block; appenders talk to it over a bounded channel and wait on a oneshot reply.
+
+use std::{any::Any, collections::HashMap, sync::Arc};
+
+use factline_core::{
+    AppendDecision, AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode,
+    ExpectedVersion, MetadataError, Position, RecordedEvent, Revision, StorageError, StreamId,
+    StreamMetadata, StreamView, Timestamp, Uuid, decide_append, expected_version_holds,
+    stream_state,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    format::{Record, encode_record, event_record_len},
+    index::{Head, IndexUpdate, LogOffset},
+    reader::read_index,
+    recovery::{SEGMENTS_DIR, create_segment},
+    storage::{StorageFile, write_all_at},
+    store::Shared,
+};
+
+/// A request to the writer.
+pub(crate) enum Request {
+    Append {
+        requests: Vec<AppendRequest>,
+        reply: oneshot::Sender<Result<Vec<AppendResult>, AppendError>>,
+    },
+    SetMetadata {
+        stream: StreamId,
+        metadata: StreamMetadata,
+        reply: oneshot::Sender<Result<(), MetadataError>>,
+    },
+    Delete {
+        stream: StreamId,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+        reply: oneshot::Sender<Result<(), DeleteError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Request {
+    /// Rough encoded size, to bound a group.
+    fn size_bytes(&self) -> usize {
+        match self {
+            Self::Append { requests, .. } => requests
+                .iter()
+                .flat_map(|r| r.events.iter())
+                .map(|e| e.size_bytes() + 64)
+                .sum(),
+            _ => 64,
+        }
+    }
+}
+
+enum Reply {
+    Append(
+        oneshot::Sender<Result<Vec<AppendResult>, AppendError>>,
+        Result<Vec<AppendResult>, AppendError>,
+    ),
+    Metadata(
+        oneshot::Sender<Result<(), MetadataError>>,
+        Result<(), MetadataError>,
+    ),
+    Delete(
+        oneshot::Sender<Result<(), DeleteError>>,
+        Result<(), DeleteError>,
+    ),
+}
+
+impl Reply {
+    fn fail(self, reason: &str) -> Self {
+        let failed = || StorageError::Failed {
+            reason: reason.to_owned(),
+        };
+        match self {
+            Self::Append(tx, _) => Self::Append(tx, Err(failed().into())),
+            Self::Metadata(tx, _) => Self::Metadata(tx, Err(failed().into())),
+            Self::Delete(tx, _) => Self::Delete(tx, Err(failed().into())),
+        }
+    }
+
+    fn send(self) {
+        // A caller that stopped waiting (dropped its future) needs no answer.
+        match self {
+            Self::Append(tx, result) => drop(tx.send(result)),
+            Self::Metadata(tx, result) => drop(tx.send(result)),
+            Self::Delete(tx, result) => drop(tx.send(result)),
+        }
+    }
+}
+
+/// The writer's state; it alone appends to the log.
+pub(crate) struct Writer {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) heads: HashMap<StreamId, Head>,
+    pub(crate) next_position: u64,
+    pub(crate) last_recorded_at: Option<Timestamp>,
+    pub(crate) active_no: u64,
+    pub(crate) active: Arc<dyn StorageFile>,
+    pub(crate) active_end: u64,
+    pub(crate) failed: Option<String>,
+    pub(crate) lock: Box<dyn Any + Send + Sync>,
+}
+
+/// A stream as the append rules see it from the writer: the head's window, plus ids read back
+/// from disk for an `Exact` retry older than the window.
+struct HeadView<'a> {
+    head: Option<&'a Head>,
+    now: Timestamp,
+    extra: Vec<(Uuid, Revision)>,
+    shared: &'a Shared,
+    stream: &'a StreamId,
+}
+
+impl StreamView for HeadView<'_> {
+    fn is_tombstoned(&self) -> bool {
+        self.head.is_some_and(|h| h.tombstoned)
+    }
+    fn last_revision(&self) -> Option<Revision> {
+        self.head.and_then(|h| h.last)
+    }
+    fn has_visible_events(&self) -> bool {
+        self.head.is_some_and(|h| h.has_visible_events(self.now))
+    }
+    fn revision_of(&self, event_id: &Uuid) -> Option<Revision> {
+        let head = self.head?;
+        if let Some(i) = head.recent_ids.iter().position(|id| id == event_id) {
+            return head
+                .window_start()
+                .map(|start| Revision(start.0 + i as u64));
+        }
+        self.extra
+            .iter()
+            .find(|(id, _)| id == event_id)
+            .map(|(_, revision)| *revision)
+    }
+    fn id_at(&self, revision: Revision) -> Option<Uuid> {
+        let head = self.head?;
+        let start = head.window_start()?;
+        if revision >= start {
+            return head
+                .recent_ids
+                .get((revision.0 - start.0) as usize)
+                .copied();
+        }
+        committed_event(self.shared, self.stream, revision).map(|e| e.id)
+    }
+}
+
+/// The committed event of `stream` at `revision`, read from disk (rare paths only).
+fn committed_event(
+    shared: &Shared,
+    stream: &StreamId,
+    revision: Revision,
+) -> Option<RecordedEvent> {
+    let offset = {
+        let index = read_index(&shared.index);
+        *index
+            .streams
+            .get(stream)?
+            .offsets
+            .get(revision.0 as usize)?
+    };
+    match shared.files.record_at(offset) {
+        Ok(Record::Event(event)) => Some(event),
+        Ok(_) => None,
+        Err(error) => {
+            tracing::error!(%stream, %revision, %error, "reading back an event failed");
+            None
+        }
+    }
+}
+
+impl Writer {
+    /// Serves requests until the channel closes or a `Close` arrives.
+    pub(crate) fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut close_reply = None;
+        while let Some(first) = requests.blocking_recv() {
+            let mut bytes = first.size_bytes();
+            let mut group = vec![first];
+            while bytes < self.shared.options.group_bytes_max {
+                match requests.try_recv() {
+                    Ok(request) => {
+                        bytes += request.size_bytes();
+                        group.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Some(reply) = self.process(group) {
+                close_reply = Some(reply);
+                break;
+            }
+        }
+        requests.close();
+        // Answer whatever was still queued, then release the directory lock.
+        while let Ok(request) = requests.try_recv() {
+            refuse_closed(request);
+        }
+        let Self { lock, .. } = self;
+        drop(lock);
+        if let Some(reply) = close_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn process(&mut self, group: Vec<Request>) -> Option<oneshot::Sender<()>> {
+        if self.failed.is_none()
+            && self.active_end >= self.shared.options.segment_size_bytes_max
+            && let Err(error) = self.roll()
+        {
+            self.fail(format!("rolling to a new segment failed: {error}"));
+        }
+        let mut buffer = Vec::new();
+        let mut updates = Vec::new();
+        let mut dropped_snapshots = Vec::new();
+        let mut replies = Vec::with_capacity(group.len());
+        let mut close = None;
+        for request in group {
+            match request {
+                Request::Close { reply } => close = Some(reply),
+                Request::Append { requests, reply } => {
+                    let result = self.stage_append(requests, &mut buffer, &mut updates);
+                    replies.push(Reply::Append(reply, result));
+                }
+                Request::SetMetadata {
+                    stream,
+                    metadata,
+                    reply,
+                } => {
+                    let result = self.stage_metadata(stream, metadata, &mut buffer, &mut updates);
+                    replies.push(Reply::Metadata(reply, result));
+                }
+                Request::Delete {
+                    stream,
+                    expected,
+                    mode,
+                    reply,
+                } => {
+                    let result =
+                        self.stage_delete(&stream, expected, mode, &mut buffer, &mut updates);
+                    if result.is_ok() {
+                        dropped_snapshots.push(stream);
+                    }
+                    replies.push(Reply::Delete(reply, result));
+                }
+            }
+        }
+        if self.failed.is_none() && !buffer.is_empty() {
+            let written = write_all_at(&*self.active, &buffer, self.active_end)
+                .and_then(|()| self.active.sync_data());
+            match written {
+                Ok(()) => self.active_end += buffer.len() as u64,
+                Err(error) => {
+                    let reason = if error.raw_os_error() == Some(28) {
+                        format!(
+                            "disk full (ENOSPC) writing segment {} at offset {}; acknowledged \
+                             data is intact; free space and reopen",
+                            self.active_no, self.active_end
+                        )
+                    } else {
+                        format!(
+                            "writing or syncing segment {} at offset {} failed: {error}",
+                            self.active_no, self.active_end
+                        )
+                    };
+                    self.fail(reason);
+                }
+            }
+        }
+        if let Some(reason) = &self.failed {
+            for reply in replies {
+                reply.fail(reason).send();
+            }
+            return close;
+        }
+        if !updates.is_empty() {
+            let mut index = self
+                .shared
+                .index
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for update in updates {
+                index.apply(update);
+            }
+            index.committed_end = Some(LogOffset::new(self.active_no, self.active_end));
+        }
+        for stream in dropped_snapshots {
+            if let Err(error) = self.shared.remove_snapshot(&stream) {
+                tracing::warn!(%stream, %error, "removing the snapshot of a deleted stream failed");
+            }
+        }
+        self.shared.changes.notify();
+        for reply in replies {
+            reply.send();
+        }
+        close
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!(%reason, "the log failed; refusing all writes until reopened");
+        self.failed = Some(reason);
+    }
+
+    fn roll(&mut self) -> Result<(), crate::OpenError> {
+        let number = self.active_no + 1;
+        let dir = self.shared.dir.join(SEGMENTS_DIR);
+        let file = create_segment(&*self.shared.storage, &dir, number, self.next_position)?;
+        self.shared
+            .files
+            .segments
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::clone(&file));
+        tracing::info!(
+            segment = number,
+            first_position = self.next_position,
+            "rolled to a new segment"
+        );
+        self.active = file;
+        self.active_no = number;
+        self.active_end = crate::format::SEGMENT_HEADER_LEN as u64;
+        Ok(())
+    }
+
+    fn view<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        expected: ExpectedVersion,
+        count: usize,
+        now: Timestamp,
+    ) -> HeadView<'a> {
+        let head = self.heads.get(stream);
+        let mut extra = Vec::new();
+        if let (ExpectedVersion::Exact(r), Some(head)) = (expected, head)
+            && let (Some(last), Some(start)) = (head.last, head.window_start())
+        {
+            {
+                // An Exact retry whose events are older than the window: read them back.
+                let to = last
+                    .0
+                    .min(r.0.saturating_add(count as u64))
+                    .min(start.0.saturating_sub(1));
+                for revision in r.0.saturating_add(1)..=to {
+                    if let Some(event) = committed_event(&self.shared, stream, Revision(revision)) {
+                        extra.push((event.id, Revision(revision)));
+                    }
+                }
+            }
+        }
+        HeadView {
+            head,
+            now,
+            extra,
+            shared: &self.shared,
+            stream,
+        }
+    }
+
+    /// The stored result of the event at `revision` (committed, or staged in this group).
+    fn result_of(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        updates: &[IndexUpdate],
+    ) -> Result<AppendResult, AppendError> {
+        for update in updates.iter().rev() {
+            if let IndexUpdate::Event {
+                stream: s,
+                revision: r,
+                position,
+                recorded_at,
+                ..
+            } = update
+                && s == stream
+                && *r == revision
+            {
+                return Ok(AppendResult {
+                    next_expected_version: revision,
+                    position: *position,
+                    recorded_at: *recorded_at,
+                });
+            }
+        }
+        let event = committed_event(&self.shared, stream, revision).ok_or_else(|| {
+            StorageError::Backend(
+                format!("event {revision} of {stream} could not be read back").into(),
+            )
+        })?;
+        Ok(AppendResult {
+            next_expected_version: revision,
+            position: event.position,
+            recorded_at: event.recorded_at,
+        })
+    }
+
+    fn stage_append(
+        &mut self,
+        requests: Vec<AppendRequest>,
+        buffer: &mut Vec<u8>,
+        updates: &mut Vec<IndexUpdate>,
+    ) -> Result<Vec<AppendResult>, AppendError> {
+        if let Some(reason) = &self.failed {
+            return Err(StorageError::Failed {
+                reason: reason.clone(),
+            }
+            .into());
+        }
+        let now = Timestamp::now();
+        let mut decisions = Vec::with_capacity(requests.len());
+        for request in &requests {
+            let view = self.view(&request.stream, request.expected, request.events.len(), now);
+            decisions.push(decide_append(
+                &request.stream,
+                request.expected,
+                &request.events,
+                &view,
+            )?);
+        }
+        let replayed = decisions
+            .iter()
+            .position(|d| matches!(d, AppendDecision::Replay { .. }));
+        if let Some(index) = replayed {
+            if decisions
+                .iter()
+                .any(|d| matches!(d, AppendDecision::Write { .. }))
+            {
+                return Err(AppendError::IdempotencyConflict {
+                    stream: requests[index].stream.clone(),
+                    event_id: requests[index].events[0].id,
+                });
+            }
+            let mut results = Vec::with_capacity(requests.len());
+            for (request, decision) in requests.iter().zip(&decisions) {
+                if let AppendDecision::Replay { last_revision } = decision {
+                    results.push(self.result_of(&request.stream, *last_revision, updates)?);
+                }
+            }
+            return Ok(results);
+        }
+        let recorded_at = self.last_recorded_at.map_or(now, |t| t.max(now));
+        let window = self.shared.options.idempotency_window_events;
+        let request_count = requests.len();
+        let mut results = Vec::with_capacity(request_count);
+        for (i, (request, decision)) in requests.into_iter().zip(decisions).enumerate() {
+            let AppendDecision::Write { first_revision } = decision else {
+                unreachable!("replays returned above")
+            };
+            let head = self.heads.entry(request.stream.clone()).or_default();
+            let event_count = request.events.len();
+            let mut revision = first_revision;
+            for (j, event) in request.events.into_iter().enumerate() {
+                let commit = i + 1 == request_count && j + 1 == event_count;
+                let position = Position(self.next_position);
+                self.next_position += 1;
+                let offset = LogOffset::new(self.active_no, self.active_end + buffer.len() as u64);
+                let id = event.id;
+                let recorded = RecordedEvent::new(
+                    request.stream.clone(),
+                    revision,
+                    position,
+                    recorded_at,
+                    event,
+                );
+                buffer.reserve(event_record_len(&recorded));
+                encode_record(buffer, &Record::Event(recorded), commit);
+                head.push_event(revision, id, recorded_at, window);
+                updates.push(IndexUpdate::Event {
+                    stream: request.stream.clone(),
+                    revision,
+                    position,
+                    recorded_at,
+                    offset,
+                });
+                revision = revision.next();
+            }
+            results.push(AppendResult {
+                next_expected_version: Revision(revision.0 - 1),
+                position: Position(self.next_position - 1),
+                recorded_at,
+            });
+        }
+        self.last_recorded_at = Some(recorded_at);
+        Ok(results)
+    }
+
+    fn stage_metadata(
+        &mut self,
+        stream: StreamId,
+        metadata: StreamMetadata,
+        buffer: &mut Vec<u8>,
+        updates: &mut Vec<IndexUpdate>,
+    ) -> Result<(), MetadataError> {
+        if let Some(reason) = &self.failed {
+            return Err(StorageError::Failed {
+                reason: reason.clone(),
+            }
+            .into());
+        }
+        let head = self.heads.entry(stream.clone()).or_default();
+        if head.tombstoned {
+            return Err(MetadataError::Deleted { stream });
+        }
+        head.metadata = metadata.clone();
+        encode_record(
+            buffer,
+            &Record::Metadata {
+                stream: stream.clone(),
+                metadata: metadata.clone(),
+            },
+            true,
+        );
+        updates.push(IndexUpdate::Metadata { stream, metadata });
+        Ok(())
+    }
+
+    fn stage_delete(
+        &mut self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+        buffer: &mut Vec<u8>,
+        updates: &mut Vec<IndexUpdate>,
+    ) -> Result<(), DeleteError> {
+        if let Some(reason) = &self.failed {
+            return Err(StorageError::Failed {
+                reason: reason.clone(),
+            }
+            .into());
+        }
+        let view = self.view(stream, ExpectedVersion::Any, 0, Timestamp::now());
+        if view.is_tombstoned() {
+            return Err(DeleteError::Deleted {
+                stream: stream.clone(),
+            });
+        }
+        let last = view.last_revision();
+        if mode == DeleteMode::Soft && last.is_none() {
+            return Err(DeleteError::NotFound {
+                stream: stream.clone(),
+            });
+        }
+        if !expected_version_holds(expected, &view) {
+            return Err(DeleteError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual: stream_state(&view),
+            });
+        }
+        let head = self.heads.entry(stream.clone()).or_default();
+        match mode {
+            DeleteMode::Soft => {
+                let mut metadata = head.metadata.clone();
+                metadata.truncate_before = last.map(Revision::next);
+                head.metadata = metadata.clone();
+                encode_record(
+                    buffer,
+                    &Record::Metadata {
+                        stream: stream.clone(),
+                        metadata: metadata.clone(),
+                    },
+                    true,
+                );
+                updates.push(IndexUpdate::Metadata {
+                    stream: stream.clone(),
+                    metadata,
+                });
+            }
+            DeleteMode::Tombstone => {
+                head.tombstoned = true;
+                encode_record(
+                    buffer,
+                    &Record::Tombstone {
+                        stream: stream.clone(),
+                    },
+                    true,
+                );
+                updates.push(IndexUpdate::Tombstone {
+                    stream: stream.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn refuse_closed(request: Request) {
+    match request {
+        Request::Append { reply, .. } => drop(reply.send(Err(StorageError::Closed.into()))),
+        Request::SetMetadata { reply, .. } => drop(reply.send(Err(StorageError::Closed.into()))),
+        Request::Delete { reply, .. } => drop(reply.send(Err(StorageError::Closed.into()))),
+        Request::Close { reply } => drop(reply.send(())),
+    }
+}
