@@ -127,19 +127,21 @@ impl FaultyStorage {
         }
     }
 
-    /// Overwrites bytes of a file as if the disk had corrupted them (synced and unsynced copies).
+    /// Overwrites bytes of a file as if the disk had put them there (both the synced and the
+    /// current copy), creating the file (durably named) when it does not exist.
     pub fn corrupt(&self, path: &Path, offset: usize, bytes: &[u8]) -> io::Result<()> {
         let mut state = self.lock();
-        let file = state
-            .files
-            .get_mut(path)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))?;
+        state.durable_names.insert(path.to_path_buf());
+        let file = state.files.entry(path.to_path_buf()).or_default();
+        let before = file.data.len();
         for copy in [&mut file.data, &mut file.synced] {
             if copy.len() < offset + bytes.len() {
                 copy.resize(offset + bytes.len(), 0);
             }
             copy[offset..offset + bytes.len()].copy_from_slice(bytes);
         }
+        let grown = (file.data.len() - before) as u64;
+        state.bytes_used += grown;
         Ok(())
     }
 
@@ -241,7 +243,7 @@ impl StorageFile for FaultyFile {
                 .ok_or(io::ErrorKind::NotFound)?;
             let before = file.data.len() as u64;
             file.data.resize(len as usize, 0);
-            state.bytes_used = state.bytes_used - before + len;
+            state.bytes_used = (state.bytes_used + len).saturating_sub(before);
             Ok(())
         })
     }
@@ -293,7 +295,7 @@ impl Storage for FaultyStorage {
             .files
             .remove(path)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))?;
-        state.bytes_used -= file.data.len() as u64;
+        state.bytes_used = state.bytes_used.saturating_sub(file.data.len() as u64);
         Ok(())
     }
 
@@ -304,7 +306,7 @@ impl Storage for FaultyStorage {
             .remove(from)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))?;
         if let Some(old) = state.files.insert(to.to_path_buf(), file) {
-            state.bytes_used -= old.data.len() as u64;
+            state.bytes_used = state.bytes_used.saturating_sub(old.data.len() as u64);
         }
         Ok(())
     }
