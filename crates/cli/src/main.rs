@@ -28,6 +28,16 @@ enum Command {
         /// The stream id, e.g. order-42.
         stream: String,
     },
+    /// Check every record, header, position and revision of a data directory without changing
+    /// it. Exits 1 when the data is corrupt (naming file and offset).
+    Verify {
+        /// The data directory.
+        #[arg(long, default_value = "./factline-data")]
+        data: std::path::PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +69,46 @@ fn run(command: Command) -> anyhow::Result<()> {
             let id = factline_core::StreamId::new(&stream)
                 .with_context(|| format!("stream id {stream:?} is not valid"))?;
             println!("valid; category {:?}", id.category());
+        }
+        Command::Verify { data, json } => verify(&data, json)?,
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn verify(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    if !data.join("segments").is_dir() {
+        anyhow::bail!(
+            "{} holds no factline log (no segments folder)",
+            data.display()
+        );
+    }
+    let report =
+        factline_log::verify(data).with_context(|| format!("verifying {}", data.display()))?;
+    let repairs: Vec<String> = report
+        .pending_repairs
+        .iter()
+        .map(|repair| format!("{repair:?}"))
+        .collect();
+    if json {
+        let value = serde_json::json!({
+            "ok": true,
+            "segments": report.segments,
+            "records": report.records,
+            "events": report.events,
+            "streams": report.streams,
+            "pending_repairs": repairs,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "ok: {} segments, {} records, {} events, {} streams",
+            report.segments, report.records, report.events, report.streams
+        );
+        for repair in repairs {
+            println!(
+                "will repair on open (an interrupted write, nothing acknowledged is lost): {repair}"
+            );
         }
     }
     Ok(())

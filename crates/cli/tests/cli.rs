@@ -47,3 +47,50 @@ fn check_stream_id_explains_a_bad_id() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("reserved"));
 }
+
+#[test]
+fn verify_checks_a_data_directory_and_names_corruption() {
+    use factline_core::{EventData, EventStore, ExpectedVersion, StreamId};
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = factline_log::LogStore::open(dir.path()).await.unwrap();
+        let stream = StreamId::new("order-1").unwrap();
+        for i in 0..3 {
+            let event = EventData::json("OrderPlaced", &serde_json::json!({ "i": i })).unwrap();
+            store
+                .append(&stream, ExpectedVersion::Any, vec![event])
+                .await
+                .unwrap();
+        }
+        store.close().await;
+    });
+    let data = dir.path().to_str().unwrap();
+    let ok = factline(&["verify", "--data", data, "--json"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(report["events"], 3);
+
+    // Damage the first record: verify must fail and name the file and offset.
+    let segment = dir.path().join("segments").join("0000000000.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[64 + 30] ^= 0xff;
+    std::fs::write(&segment, bytes).unwrap();
+    let bad = factline(&["verify", "--data", data]);
+    assert_eq!(bad.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        message.contains("0000000000.seg") && message.contains("offset 64"),
+        "{message}"
+    );
+
+    let missing = factline(&["verify", "--data", "/nonexistent/factline"]);
+    assert_eq!(missing.status.code(), Some(1));
+}
