@@ -230,9 +230,18 @@ pub fn event_record_len(event: &RecordedEvent) -> usize {
         + event.data.len()
 }
 
-/// Decodes the record at the start of `bytes`. `source` is the buffer `bytes` was sliced from,
-/// so event data can be shared without copying; pass `None` to copy.
-pub fn decode_record(bytes: &[u8], source: Option<&Bytes>) -> Result<Framed, DecodeError> {
+/// Decodes the record at the start of `bytes`, copying the event data.
+pub fn decode_record(bytes: &[u8]) -> Result<Framed, DecodeError> {
+    decode_with(bytes, Bytes::copy_from_slice)
+}
+
+/// Decodes the record at the start of `source`, sharing the event data with `source` instead
+/// of copying it.
+pub fn decode_record_shared(source: &Bytes) -> Result<Framed, DecodeError> {
+    decode_with(source, |data| source.slice_ref(data))
+}
+
+fn decode_with(bytes: &[u8], data_of: impl FnOnce(&[u8]) -> Bytes) -> Result<Framed, DecodeError> {
     if bytes.len() < FRAME_LEN {
         return Err(DecodeError::Truncated {
             needed: FRAME_LEN,
@@ -277,18 +286,23 @@ pub fn decode_record(bytes: &[u8], source: Option<&Bytes>) -> Result<Framed, Dec
             let event_type = reader.str16()?.to_owned();
             let metadata_len = reader.u16()?;
             let mut metadata = Metadata::new();
+            let mut previous_key: Option<&str> = None;
             for _ in 0..metadata_len {
-                let key = reader.str16()?.to_owned();
+                let key = reader.str16()?;
+                // Keys are written in ascending order, each once: anything else is damage.
+                if previous_key.is_some_and(|previous| previous >= key) {
+                    return Err(DecodeError::Malformed(
+                        "metadata keys out of order or repeated",
+                    ));
+                }
+                previous_key = Some(key);
+                let key = key.to_owned();
                 let value = std::str::from_utf8(reader.bytes32()?)
                     .map_err(|_| DecodeError::Malformed("metadata value is not UTF-8"))?
                     .to_owned();
                 metadata.insert(key, value);
             }
-            let data = reader.bytes32()?;
-            let data = match source {
-                Some(source) => source.slice_ref(data),
-                None => Bytes::copy_from_slice(data),
-            };
+            let data = data_of(reader.bytes32()?);
             Record::Event(RecordedEvent {
                 stream,
                 revision,
@@ -310,6 +324,15 @@ pub fn decode_record(bytes: &[u8], source: Option<&Bytes>) -> Result<Framed, Dec
             let max_count = reader.u64()?;
             let max_age = reader.u64()?;
             let truncate_before = reader.u64()?;
+            // An absent field is written as zero: anything else is damage.
+            let absent_but_set = (presence & 1 == 0 && max_count != 0)
+                || (presence & 2 == 0 && max_age != 0)
+                || (presence & 4 == 0 && truncate_before != 0);
+            if absent_but_set {
+                return Err(DecodeError::Malformed(
+                    "value present for an absent metadata field",
+                ));
+            }
             Record::Metadata {
                 stream,
                 metadata: StreamMetadata {
@@ -454,7 +477,7 @@ mod tests {
         let source = Bytes::from(buffer);
         let mut offset = 0;
         for (i, record) in records.iter().enumerate() {
-            let framed = decode_record(&source[offset..], Some(&source)).unwrap();
+            let framed = decode_record_shared(&source.slice(offset..)).unwrap();
             assert_eq!(&framed.record, record);
             assert_eq!(framed.commit, i == 2);
             offset += framed.len_bytes;
@@ -476,10 +499,7 @@ mod tests {
             for bit in 0..8 {
                 let mut damaged = buffer.clone();
                 damaged[byte] ^= 1 << bit;
-                assert!(
-                    decode_record(&damaged, None).is_err(),
-                    "byte {byte} bit {bit}"
-                );
+                assert!(decode_record(&damaged).is_err(), "byte {byte} bit {bit}");
             }
         }
     }
@@ -490,7 +510,7 @@ mod tests {
         encode_record(&mut buffer, &Record::Event(sample_event()), true);
         for len in 0..buffer.len() {
             assert!(matches!(
-                decode_record(&buffer[..len], None),
+                decode_record(&buffer[..len]),
                 Err(DecodeError::Truncated { .. })
             ));
         }
@@ -513,7 +533,7 @@ mod tests {
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode_record(&bytes, None);
+            let _ = decode_record(&bytes);
             let _ = decode_segment_header(&bytes);
         }
 
@@ -541,7 +561,7 @@ mod tests {
             };
             let mut buffer = Vec::new();
             encode_record(&mut buffer, &Record::Event(event.clone()), true);
-            let framed = decode_record(&buffer, None).unwrap();
+            let framed = decode_record(&buffer).unwrap();
             prop_assert_eq!(framed.record, Record::Event(event));
             prop_assert!(framed.commit);
         }

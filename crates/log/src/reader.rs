@@ -43,12 +43,12 @@ impl Files {
         let mut buffer = vec![0u8; RECORD_GUESS_BYTES];
         let n = read_some(&*file, &mut buffer, at.offset())?;
         buffer.truncate(n);
-        match decode_record(&buffer, None) {
+        match decode_record(&buffer) {
             Ok(framed) => Ok(framed.record),
             Err(DecodeError::Truncated { needed, .. }) => {
                 let mut whole = vec![0u8; needed];
                 read_exact_at(&*file, &mut whole, at.offset()).map_err(StorageError::backend)?;
-                decode_record(&whole, None)
+                decode_record(&whole)
                     .map(|framed| framed.record)
                     .map_err(|error| corrupt(at, &error.to_string()))
             }
@@ -86,7 +86,7 @@ impl Files {
                 buffer.truncate(n);
                 for at in run {
                     let start = (at.offset() - first.offset()) as usize;
-                    let record = match decode_record(&buffer[start..], None) {
+                    let record = match decode_record(&buffer[start..]) {
                         Ok(framed) => framed.record,
                         Err(DecodeError::Truncated { .. }) => self.record_at(*at)?,
                         Err(error) => return Err(corrupt(*at, &error.to_string())),
@@ -138,7 +138,7 @@ impl Files {
             read_exact_at(&*file, &mut buffer, at.offset()).map_err(StorageError::backend)?;
             let mut cursor = 0usize;
             while cursor < buffer.len() && events.len() < limit {
-                match decode_record(&buffer[cursor..], None) {
+                match decode_record(&buffer[cursor..]) {
                     Ok(framed) => {
                         if let Record::Event(event) = framed.record {
                             last_examined = Some(event.position);

@@ -240,7 +240,7 @@ fn valid_record_follows(bytes: &[u8], from: usize) -> bool {
             && len <= bytes.len() - i - FRAME_LEN
             && (1..=3).contains(&bytes[i + FRAME_LEN])
             && bytes[i + FRAME_LEN + 1] <= 1;
-        if plausible && decode_record(&bytes[i..], None).is_ok() {
+        if plausible && decode_record(&bytes[i..]).is_ok() {
             return true;
         }
         i += 1;
@@ -344,7 +344,7 @@ pub(crate) fn scan(
         let mut transaction: Vec<(Record, u64)> = Vec::new();
         let mut torn = false;
         while offset < bytes.len() {
-            match decode_record(&bytes[offset..], None) {
+            match decode_record(&bytes[offset..]) {
                 Ok(framed) => {
                     transaction.push((framed.record, offset as u64));
                     offset += framed.len_bytes;
