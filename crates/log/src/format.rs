@@ -232,16 +232,34 @@ pub fn event_record_len(event: &RecordedEvent) -> usize {
 
 /// Decodes the record at the start of `bytes`, copying the event data.
 pub fn decode_record(bytes: &[u8]) -> Result<Framed, DecodeError> {
-    decode_with(bytes, Bytes::copy_from_slice)
+    decode_with(bytes, Bytes::copy_from_slice, &mut None)
 }
 
 /// Decodes the record at the start of `source`, sharing the event data with `source` instead
 /// of copying it.
 pub fn decode_record_shared(source: &Bytes) -> Result<Framed, DecodeError> {
-    decode_with(source, |data| source.slice_ref(data))
+    decode_with(source, |data| source.slice_ref(data), &mut None)
 }
 
-fn decode_with(bytes: &[u8], data_of: impl FnOnce(&[u8]) -> Bytes) -> Result<Framed, DecodeError> {
+/// Decodes records one after another, reusing the stream id of the previous record when the
+/// next one names the same stream (runs of one stream are common in a log).
+#[derive(Debug, Default)]
+pub struct Decoder {
+    last_stream: Option<StreamId>,
+}
+
+impl Decoder {
+    /// Decodes the record at the start of `bytes`, copying the event data.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Framed, DecodeError> {
+        decode_with(bytes, Bytes::copy_from_slice, &mut self.last_stream)
+    }
+}
+
+fn decode_with(
+    bytes: &[u8],
+    data_of: impl FnOnce(&[u8]) -> Bytes,
+    last_stream: &mut Option<StreamId>,
+) -> Result<Framed, DecodeError> {
     if bytes.len() < FRAME_LEN {
         return Err(DecodeError::Truncated {
             needed: FRAME_LEN,
@@ -282,7 +300,7 @@ fn decode_with(bytes: &[u8], data_of: impl FnOnce(&[u8]) -> Bytes) -> Result<Fra
                 2 => ContentType::Binary,
                 _ => return Err(DecodeError::Malformed("content type")),
             };
-            let stream = reader.stream()?;
+            let stream = reader.stream(last_stream)?;
             let event_type = reader.str16()?.to_owned();
             let metadata_len = reader.u16()?;
             let mut metadata = Metadata::new();
@@ -316,7 +334,7 @@ fn decode_with(bytes: &[u8], data_of: impl FnOnce(&[u8]) -> Bytes) -> Result<Fra
             })
         }
         KIND_METADATA => {
-            let stream = reader.stream()?;
+            let stream = reader.stream(last_stream)?;
             let presence = reader.u8()?;
             if presence & !0b111 != 0 {
                 return Err(DecodeError::Malformed("metadata presence bits"));
@@ -343,7 +361,7 @@ fn decode_with(bytes: &[u8], data_of: impl FnOnce(&[u8]) -> Bytes) -> Result<Fra
             }
         }
         KIND_TOMBSTONE => Record::Tombstone {
-            stream: reader.stream()?,
+            stream: reader.stream(last_stream)?,
         },
         _ => return Err(DecodeError::Malformed("unknown record kind")),
     };
@@ -430,8 +448,15 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
-    fn stream(&mut self) -> Result<StreamId, DecodeError> {
-        StreamId::new(self.str16()?).map_err(|_| DecodeError::Malformed("invalid stream id"))
+    fn stream(&mut self, last: &mut Option<StreamId>) -> Result<StreamId, DecodeError> {
+        let name = self.str16()?;
+        if let Some(stream) = last.as_ref().filter(|s| s.as_str() == name) {
+            return Ok(stream.clone());
+        }
+        let stream =
+            StreamId::new(name).map_err(|_| DecodeError::Malformed("invalid stream id"))?;
+        *last = Some(stream.clone());
+        Ok(stream)
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use factline_core::{EventFilter, RecordedEvent, StorageError};
 
 use crate::{
-    format::{DecodeError, Record, decode_record},
+    format::{DecodeError, Decoder, Record, decode_record},
     index::{Index, LogOffset},
     storage::{StorageFile, read_exact_at},
 };
@@ -113,15 +113,47 @@ impl Files {
         let mut events = Vec::new();
         let mut at = from;
         let mut scanned = 0u64;
-        let mut buffer = Vec::new();
         let mut last_examined = None;
+        let mut decoder = Decoder::default();
+        // One read buffer per thread, kept between calls: a fresh megabyte per call would be
+        // zero-filled and page-faulted in every time.
+        thread_local! {
+            static SCAN_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let mut buffer = SCAN_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let result = self.scan_into(
+            &mut buffer,
+            &mut decoder,
+            (&mut at, end, &mut scanned, &mut last_examined),
+            (limit, filter, chunk_bytes, scan_bytes_max),
+            &mut events,
+        );
+        SCAN_BUFFER.with(|b| *b.borrow_mut() = buffer);
+        result?;
+        Ok(ScanResult {
+            reached_end: at >= end,
+            events,
+            last_examined,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn scan_into(
+        &self,
+        buffer: &mut Vec<u8>,
+        decoder: &mut Decoder,
+        (at, end, scanned, last_examined): (
+            &mut LogOffset,
+            LogOffset,
+            &mut u64,
+            &mut Option<factline_core::Position>,
+        ),
+        (limit, filter, chunk_bytes, scan_bytes_max): (usize, &EventFilter, usize, u64),
+        events: &mut Vec<RecordedEvent>,
+    ) -> Result<(), StorageError> {
         loop {
-            if at >= end || events.len() >= limit || scanned >= scan_bytes_max {
-                return Ok(ScanResult {
-                    events,
-                    last_examined,
-                    reached_end: at >= end,
-                });
+            if *at >= end || events.len() >= limit || *scanned >= scan_bytes_max {
+                return Ok(());
             }
             let file = self.file(at.segment())?;
             let segment_end = if at.segment() == end.segment() {
@@ -130,18 +162,19 @@ impl Files {
                 file.size_bytes().map_err(StorageError::backend)?
             };
             if at.offset() >= segment_end {
-                at = LogOffset::new(at.segment() + 1, crate::format::SEGMENT_HEADER_LEN as u64);
+                *at = LogOffset::new(at.segment() + 1, crate::format::SEGMENT_HEADER_LEN as u64);
                 continue;
             }
             let want = chunk_bytes.min((segment_end - at.offset()) as usize);
             buffer.resize(want, 0);
-            read_exact_at(&*file, &mut buffer, at.offset()).map_err(StorageError::backend)?;
+            read_exact_at(&*file, &mut buffer[..want], at.offset())
+                .map_err(StorageError::backend)?;
             let mut cursor = 0usize;
-            while cursor < buffer.len() && events.len() < limit {
-                match decode_record(&buffer[cursor..]) {
+            while cursor < want && events.len() < limit {
+                match decoder.decode(&buffer[cursor..want]) {
                     Ok(framed) => {
                         if let Record::Event(event) = framed.record {
-                            last_examined = Some(event.position);
+                            *last_examined = Some(event.position);
                             if filter.matches_event(&event) {
                                 events.push(event);
                             }
@@ -151,9 +184,21 @@ impl Files {
                     Err(DecodeError::Truncated { needed, .. }) if cursor == 0 => {
                         // One record larger than the chunk: read it whole.
                         buffer.resize(needed, 0);
-                        read_exact_at(&*file, &mut buffer, at.offset())
+                        read_exact_at(&*file, &mut buffer[..needed], at.offset())
                             .map_err(StorageError::backend)?;
-                        continue;
+                        match decoder.decode(&buffer[..needed]) {
+                            Ok(framed) => {
+                                if let Record::Event(event) = framed.record {
+                                    *last_examined = Some(event.position);
+                                    if filter.matches_event(&event) {
+                                        events.push(event);
+                                    }
+                                }
+                                cursor = framed.len_bytes;
+                            }
+                            Err(error) => return Err(corrupt(*at, &error.to_string())),
+                        }
+                        break;
                     }
                     Err(DecodeError::Truncated { .. }) => break,
                     Err(error) => {
@@ -162,8 +207,8 @@ impl Files {
                     }
                 }
             }
-            scanned += cursor as u64;
-            at = LogOffset::new(at.segment(), at.offset() + cursor as u64);
+            *scanned += cursor as u64;
+            *at = LogOffset::new(at.segment(), at.offset() + cursor as u64);
         }
     }
 }
