@@ -219,8 +219,8 @@ pub struct Sizes {
     pub w1_writers: Vec<usize>,
     /// W2 events per append.
     pub w2_batch: usize,
-    /// W2 writers.
-    pub w2_writers: usize,
+    /// W2 writer counts.
+    pub w2_writers: Vec<usize>,
     /// W3 writers on the one stream.
     pub w3_writers: usize,
     /// W4 stream length.
@@ -252,7 +252,7 @@ impl Sizes {
             measure: Duration::from_secs(2),
             w1_writers: vec![1, 8, 32, 128],
             w2_batch: 100,
-            w2_writers: 1,
+            w2_writers: vec![1, 16],
             w3_writers: 32,
             w4_events: 1_000,
             w4_batch: 100,
@@ -299,7 +299,8 @@ impl Sizes {
         self.w1_writers
             .iter()
             .copied()
-            .chain([self.w2_writers, self.w3_writers, 1])
+            .chain(self.w2_writers.iter().copied())
+            .chain([self.w3_writers, 1])
             .max()
             .unwrap_or(1)
     }
@@ -362,7 +363,7 @@ impl Config {
             .flat_map(|&workload| {
                 let writers: Vec<usize> = match workload {
                     WorkloadKind::W1 => sizes.w1_writers.clone(),
-                    WorkloadKind::W2 => vec![sizes.w2_writers],
+                    WorkloadKind::W2 => sizes.w2_writers.clone(),
                     WorkloadKind::W3 => vec![sizes.w3_writers],
                     WorkloadKind::W4 | WorkloadKind::W5 | WorkloadKind::W6 => vec![1],
                 };

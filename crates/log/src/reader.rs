@@ -62,6 +62,7 @@ impl Files {
         offsets: &[LogOffset],
     ) -> Result<Vec<RecordedEvent>, StorageError> {
         let mut out = Vec::with_capacity(offsets.len());
+        let mut decoder = Decoder::default();
         let mut i = 0;
         while i < offsets.len() {
             let first = offsets[i];
@@ -81,18 +82,21 @@ impl Files {
                 let file = self.file(first.segment())?;
                 let last = run[run.len() - 1];
                 let span = (last.offset() - first.offset()) as usize + RECORD_GUESS_BYTES;
-                let mut buffer = vec![0u8; span];
-                let n = read_some(&*file, &mut buffer, first.offset())?;
-                buffer.truncate(n);
-                for at in run {
-                    let start = (at.offset() - first.offset()) as usize;
-                    let record = match decode_record(&buffer[start..]) {
-                        Ok(framed) => framed.record,
-                        Err(DecodeError::Truncated { .. }) => self.record_at(*at)?,
-                        Err(error) => return Err(corrupt(*at, &error.to_string())),
-                    };
-                    out.push(expect_event(record, *at)?);
-                }
+                with_read_buffer(|buffer| -> Result<(), StorageError> {
+                    buffer.resize(span, 0);
+                    let n = read_some(&*file, &mut buffer[..span], first.offset())?;
+                    let bytes = &buffer[..n];
+                    for at in run {
+                        let start = (at.offset() - first.offset()) as usize;
+                        let record = match decoder.decode(&bytes[start..]) {
+                            Ok(framed) => framed.record,
+                            Err(DecodeError::Truncated { .. }) => self.record_at(*at)?,
+                            Err(error) => return Err(corrupt(*at, &error.to_string())),
+                        };
+                        out.push(expect_event(record, *at)?);
+                    }
+                    Ok(())
+                })?;
             }
             i = j;
         }
@@ -115,21 +119,15 @@ impl Files {
         let mut scanned = 0u64;
         let mut last_examined = None;
         let mut decoder = Decoder::default();
-        // One read buffer per thread, kept between calls: a fresh megabyte per call would be
-        // zero-filled and page-faulted in every time.
-        thread_local! {
-            static SCAN_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let mut buffer = SCAN_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        let result = self.scan_into(
-            &mut buffer,
-            &mut decoder,
-            (&mut at, end, &mut scanned, &mut last_examined),
-            (limit, filter, chunk_bytes, scan_bytes_max),
-            &mut events,
-        );
-        SCAN_BUFFER.with(|b| *b.borrow_mut() = buffer);
-        result?;
+        with_read_buffer(|buffer| {
+            self.scan_into(
+                buffer,
+                &mut decoder,
+                (&mut at, end, &mut scanned, &mut last_examined),
+                (limit, filter, chunk_bytes, scan_bytes_max),
+                &mut events,
+            )
+        })?;
         Ok(ScanResult {
             reached_end: at >= end,
             events,
@@ -211,6 +209,21 @@ impl Files {
             *at = LogOffset::new(at.segment(), at.offset() + cursor as u64);
         }
     }
+}
+
+thread_local! {
+    /// One read buffer per thread, kept between reads: a fresh buffer per read would be
+    /// zero-filled and page-faulted in every time. Its size is bounded by the largest read
+    /// (`read_chunk_bytes`, a batch span of at most 4 MiB, or one record).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's read buffer (a fresh one if it is already in use).
+fn with_read_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut buffer = READ_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let result = f(&mut buffer);
+    READ_BUFFER.with(|b| *b.borrow_mut() = buffer);
+    result
 }
 
 /// What [`Files::scan`] found.
