@@ -10,13 +10,13 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::{
-    AllSlice, AppendDecision, AppendError, AppendRequest, AppendResult, ChangeNotifier,
-    DeleteError, DeleteMode, Direction, EventFilter, EventStore, ExpectedVersion, Limit,
-    LimitExceeded, Limits, MetadataError, Position, ReadAllError, ReadAllOptions, ReadStreamError,
+    AllSlice, AppendError, AppendRequest, AppendResult, ChangeNotifier, DeleteError, DeleteMode,
+    Direction, EventFilter, EventStore, ExpectedVersion, Limit, LimitExceeded, Limits,
+    MetadataError, MultiDecision, Position, ReadAllError, ReadAllOptions, ReadStreamError,
     ReadStreamOptions, RecordedEvent, Revision, Snapshot, SnapshotError, SnapshotStore,
     StorageError, StreamId, StreamMetadata, StreamSlice, StreamView, SubscribeError, SubscribeFrom,
-    Subscription, Timestamp, check_append_requests, decide_append, expected_version_holds,
-    follow_all, follow_stream, stream_state,
+    Subscription, Timestamp, check_append_requests, decide_append, decide_delete, follow_all,
+    follow_stream, settle_append_multi,
 };
 
 /// An event store held in memory. Cheap to clone; clones share the data.
@@ -175,45 +175,29 @@ impl EventStore for InMemoryStore {
                 &view,
             )?);
         }
-        let replayed = decisions
-            .iter()
-            .position(|d| matches!(d, AppendDecision::Replay { .. }));
-        if let Some(index) = replayed {
-            if decisions
-                .iter()
-                .any(|d| matches!(d, AppendDecision::Write { .. }))
-            {
-                // Part of the request was written before and part was not: not a retry.
-                return Err(AppendError::IdempotencyConflict {
-                    stream: requests[index].stream.clone(),
-                    event_id: requests[index].events[0].id,
-                });
+        let first_revisions = match settle_append_multi(&requests, decisions)? {
+            MultiDecision::Write(first_revisions) => first_revisions,
+            MultiDecision::Replay(last_revisions) => {
+                return Ok(requests
+                    .iter()
+                    .zip(last_revisions)
+                    .map(|(request, last_revision)| {
+                        let view = state.view(&request.stream, now);
+                        let event = view
+                            .event(last_revision)
+                            .unwrap_or_else(|| unreachable!("a replayed revision is stored"));
+                        AppendResult {
+                            next_expected_version: last_revision,
+                            position: event.position,
+                            recorded_at: event.recorded_at,
+                        }
+                    })
+                    .collect());
             }
-            return Ok(requests
-                .iter()
-                .zip(&decisions)
-                .map(|(request, decision)| {
-                    let AppendDecision::Replay { last_revision } = *decision else {
-                        unreachable!("all decisions are replays here")
-                    };
-                    let view = state.view(&request.stream, now);
-                    let event = view
-                        .event(last_revision)
-                        .unwrap_or_else(|| unreachable!("a replayed revision is stored"));
-                    AppendResult {
-                        next_expected_version: last_revision,
-                        position: event.position,
-                        recorded_at: event.recorded_at,
-                    }
-                })
-                .collect());
-        }
+        };
         let recorded_at = state.log.last().map_or(now, |e| e.recorded_at.max(now));
         let mut results = Vec::with_capacity(requests.len());
-        for (request, decision) in requests.into_iter().zip(decisions) {
-            let AppendDecision::Write { first_revision } = decision else {
-                unreachable!("no replays here")
-            };
+        for (request, first_revision) in requests.into_iter().zip(first_revisions) {
             let State { log, streams, .. } = &mut *state;
             let entry = streams.entry(request.stream.clone()).or_default();
             let mut revision = first_revision;
@@ -368,11 +352,7 @@ impl EventStore for InMemoryStore {
                     stream: stream.clone(),
                 });
             }
-            match from {
-                SubscribeFrom::Start => Revision::FIRST,
-                SubscribeFrom::After(revision) => revision.next(),
-                SubscribeFrom::End => view.last_revision().map_or(Revision::FIRST, Revision::next),
-            }
+            from.first_revision(view.last_revision())
         };
         Ok(follow_stream(self.clone(), changes, stream.clone(), next))
     }
@@ -384,11 +364,7 @@ impl EventStore for InMemoryStore {
     ) -> Result<Subscription, SubscribeError> {
         let mut changes = self.inner.changes.listen();
         changes.mark_seen();
-        let next = match from {
-            SubscribeFrom::Start => Position::FIRST,
-            SubscribeFrom::After(position) => position.next(),
-            SubscribeFrom::End => Position(self.read().log.len() as u64),
-        };
+        let next = from.first_position(Position(self.read().log.len() as u64));
         Ok(follow_all(self.clone(), changes, next, filter))
     }
 
@@ -431,25 +407,12 @@ impl EventStore for InMemoryStore {
     ) -> Result<(), DeleteError> {
         {
             let mut state = self.write();
-            let view = state.view(stream, Timestamp::now());
-            if view.is_tombstoned() {
-                return Err(DeleteError::Deleted {
-                    stream: stream.clone(),
-                });
-            }
-            let last = view.last_revision();
-            if mode == DeleteMode::Soft && last.is_none() {
-                return Err(DeleteError::NotFound {
-                    stream: stream.clone(),
-                });
-            }
-            if !expected_version_holds(expected, &view) {
-                return Err(DeleteError::WrongExpectedVersion {
-                    stream: stream.clone(),
-                    expected,
-                    actual: stream_state(&view),
-                });
-            }
+            let last = decide_delete(
+                stream,
+                expected,
+                mode,
+                &state.view(stream, Timestamp::now()),
+            )?;
             let entry = state.streams.entry(stream.clone()).or_default();
             match mode {
                 DeleteMode::Soft => {

@@ -11,8 +11,8 @@ use uuid::Uuid;
 use std::collections::HashSet;
 
 use crate::{
-    AppendError, AppendRequest, EventData, EventsRejected, ExpectedVersion, Limit, LimitExceeded,
-    Limits, Revision, StreamId, StreamState,
+    AppendError, AppendRequest, DeleteError, DeleteMode, EventData, EventsRejected,
+    ExpectedVersion, Limit, LimitExceeded, Limits, Revision, StreamId, StreamState,
 };
 
 /// Validates an `append_multi` request before any stored state is consulted: at least one
@@ -146,4 +146,80 @@ pub fn decide_append(
     Ok(AppendDecision::Write {
         first_revision: view.last_revision().map_or(Revision::FIRST, Revision::next),
     })
+}
+
+/// What an `append_multi` does once every part has its [`AppendDecision`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MultiDecision {
+    /// Write every part; the first revision of each, in request order.
+    Write(Vec<Revision>),
+    /// Every part repeats an earlier append; the last revision of each, in request order.
+    Replay(Vec<Revision>),
+}
+
+/// Combines the per-stream decisions of an `append_multi`: all writes, or all replays; a mix
+/// (some parts written before, some not) is an idempotency conflict naming the first replayed
+/// part.
+pub fn settle_append_multi(
+    requests: &[AppendRequest],
+    decisions: Vec<AppendDecision>,
+) -> Result<MultiDecision, AppendError> {
+    let replayed = decisions
+        .iter()
+        .position(|d| matches!(d, AppendDecision::Replay { .. }));
+    let Some(index) = replayed else {
+        return Ok(MultiDecision::Write(
+            decisions
+                .into_iter()
+                .filter_map(|d| match d {
+                    AppendDecision::Write { first_revision } => Some(first_revision),
+                    AppendDecision::Replay { .. } => None,
+                })
+                .collect(),
+        ));
+    };
+    let replays: Vec<Revision> = decisions
+        .iter()
+        .filter_map(|d| match d {
+            AppendDecision::Replay { last_revision } => Some(*last_revision),
+            AppendDecision::Write { .. } => None,
+        })
+        .collect();
+    if replays.len() != decisions.len() {
+        return Err(AppendError::IdempotencyConflict {
+            stream: requests[index].stream.clone(),
+            event_id: requests[index].events[0].id,
+        });
+    }
+    Ok(MultiDecision::Replay(replays))
+}
+
+/// Applies the delete rules: a tombstoned stream refuses; a soft delete of a stream never
+/// written is `NotFound`; then the expected version must hold. Returns the stream's last
+/// revision (a soft delete sets `truncate_before` to the one after it).
+pub fn decide_delete(
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    mode: DeleteMode,
+    view: &impl StreamView,
+) -> Result<Option<Revision>, DeleteError> {
+    if view.is_tombstoned() {
+        return Err(DeleteError::Deleted {
+            stream: stream.clone(),
+        });
+    }
+    let last = view.last_revision();
+    if mode == DeleteMode::Soft && last.is_none() {
+        return Err(DeleteError::NotFound {
+            stream: stream.clone(),
+        });
+    }
+    if !expected_version_holds(expected, view) {
+        return Err(DeleteError::WrongExpectedVersion {
+            stream: stream.clone(),
+            expected,
+            actual: stream_state(view),
+        });
+    }
+    Ok(last)
 }

@@ -274,6 +274,28 @@ pub enum SubscribeFrom<T> {
     End,
 }
 
+impl SubscribeFrom<Position> {
+    /// The first position to deliver, given the position the next commit will get.
+    pub fn first_position(self, next_commit: Position) -> Position {
+        match self {
+            Self::Start => Position::FIRST,
+            Self::After(position) => position.next(),
+            Self::End => next_commit,
+        }
+    }
+}
+
+impl SubscribeFrom<Revision> {
+    /// The first revision to deliver, given the stream's last revision.
+    pub fn first_revision(self, last: Option<Revision>) -> Revision {
+        match self {
+            Self::Start => Revision::FIRST,
+            Self::After(revision) => revision.next(),
+            Self::End => last.map_or(Revision::FIRST, Revision::next),
+        }
+    }
+}
+
 /// Retention and other settings of one stream.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct StreamMetadata {

@@ -465,13 +465,7 @@ impl EventStore for LogStore {
                     stream: stream.clone(),
                 });
             }
-            match from {
-                SubscribeFrom::Start => Revision::FIRST,
-                SubscribeFrom::After(revision) => revision.next(),
-                SubscribeFrom::End => entry
-                    .and_then(|e| e.last_revision())
-                    .map_or(Revision::FIRST, Revision::next),
-            }
+            from.first_revision(entry.and_then(|e| e.last_revision()))
         };
         Ok(follow_stream(self.clone(), changes, stream.clone(), next))
     }
@@ -483,11 +477,7 @@ impl EventStore for LogStore {
     ) -> Result<Subscription, SubscribeError> {
         let mut changes = self.shared.changes.listen();
         changes.mark_seen();
-        let next = match from {
-            SubscribeFrom::Start => Position::FIRST,
-            SubscribeFrom::After(position) => position.next(),
-            SubscribeFrom::End => Position(self.index().positions.len() as u64),
-        };
+        let next = from.first_position(Position(self.index().positions.len() as u64));
         Ok(follow_all(self.clone(), changes, next, filter))
     }
 

@@ -6,10 +6,9 @@
 use std::{any::Any, collections::HashMap, sync::Arc};
 
 use factline_core::{
-    AppendDecision, AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode,
-    ExpectedVersion, MetadataError, Position, RecordedEvent, Revision, StorageError, StreamId,
-    StreamMetadata, StreamView, Timestamp, Uuid, decide_append, expected_version_holds,
-    stream_state,
+    AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode, ExpectedVersion,
+    MetadataError, MultiDecision, Position, RecordedEvent, Revision, StorageError, StreamId,
+    StreamMetadata, StreamView, Timestamp, Uuid, decide_append, decide_delete, settle_append_multi,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -423,35 +422,22 @@ impl Writer {
                 &view,
             )?);
         }
-        let replayed = decisions
-            .iter()
-            .position(|d| matches!(d, AppendDecision::Replay { .. }));
-        if let Some(index) = replayed {
-            if decisions
-                .iter()
-                .any(|d| matches!(d, AppendDecision::Write { .. }))
-            {
-                return Err(AppendError::IdempotencyConflict {
-                    stream: requests[index].stream.clone(),
-                    event_id: requests[index].events[0].id,
-                });
+        let first_revisions = match settle_append_multi(&requests, decisions)? {
+            MultiDecision::Write(first_revisions) => first_revisions,
+            MultiDecision::Replay(last_revisions) => {
+                return requests
+                    .iter()
+                    .zip(last_revisions)
+                    .map(|(request, last)| self.result_of(&request.stream, last, updates))
+                    .collect();
             }
-            let mut results = Vec::with_capacity(requests.len());
-            for (request, decision) in requests.iter().zip(&decisions) {
-                if let AppendDecision::Replay { last_revision } = decision {
-                    results.push(self.result_of(&request.stream, *last_revision, updates)?);
-                }
-            }
-            return Ok(results);
-        }
+        };
         let recorded_at = self.last_recorded_at.map_or(now, |t| t.max(now));
         let window = self.shared.options.idempotency_window_events;
         let request_count = requests.len();
         let mut results = Vec::with_capacity(request_count);
-        for (i, (request, decision)) in requests.into_iter().zip(decisions).enumerate() {
-            let AppendDecision::Write { first_revision } = decision else {
-                unreachable!("replays returned above")
-            };
+        for (i, (request, first_revision)) in requests.into_iter().zip(first_revisions).enumerate()
+        {
             let head = self.heads.entry(request.stream.clone()).or_default();
             let event_count = request.events.len();
             let mut revision = first_revision;
@@ -535,24 +521,7 @@ impl Writer {
             .into());
         }
         let view = self.view(stream, ExpectedVersion::Any, 0, Timestamp::now());
-        if view.is_tombstoned() {
-            return Err(DeleteError::Deleted {
-                stream: stream.clone(),
-            });
-        }
-        let last = view.last_revision();
-        if mode == DeleteMode::Soft && last.is_none() {
-            return Err(DeleteError::NotFound {
-                stream: stream.clone(),
-            });
-        }
-        if !expected_version_holds(expected, &view) {
-            return Err(DeleteError::WrongExpectedVersion {
-                stream: stream.clone(),
-                expected,
-                actual: stream_state(&view),
-            });
-        }
+        let last = decide_delete(stream, expected, mode, &view)?;
         let head = self.heads.entry(stream.clone()).or_default();
         match mode {
             DeleteMode::Soft => {
