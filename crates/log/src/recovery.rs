@@ -231,21 +231,80 @@ impl Scan<'_> {
     }
 }
 
-/// True when a record that frames and checks correctly starts anywhere in `bytes[from..]`.
-fn valid_record_follows(bytes: &[u8], from: usize) -> bool {
-    let mut i = from;
-    while i + FRAME_LEN + 2 <= bytes.len() {
-        let len = u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize;
-        let plausible = len >= 2
-            && len <= bytes.len() - i - FRAME_LEN
-            && (1..=3).contains(&bytes[i + FRAME_LEN])
-            && bytes[i + FRAME_LEN + 1] <= 1;
-        if plausible && decode_record(&bytes[i..]).is_ok() {
-            return true;
+/// A window over a file, read in chunks: a scan holds at most one chunk (or one record, when a
+/// record is larger) in memory, whatever the segment size.
+struct Window<'a> {
+    file: &'a dyn StorageFile,
+    len: u64,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl<'a> Window<'a> {
+    const CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+
+    fn new(file: &'a dyn StorageFile, len: u64) -> Self {
+        Self {
+            file,
+            len,
+            start: 0,
+            bytes: Vec::new(),
         }
-        i += 1;
     }
-    false
+
+    /// The bytes from `offset` on: at least `want` of them (fewer only at the end of the file),
+    /// usually up to the end of the current chunk.
+    fn at(&mut self, offset: u64, want: usize) -> std::io::Result<&[u8]> {
+        let end = offset.saturating_add(want as u64).min(self.len);
+        let held_end = self.start + self.bytes.len() as u64;
+        if offset < self.start || end > held_end {
+            let read_end = offset
+                .saturating_add(Self::CHUNK_BYTES)
+                .max(end)
+                .min(self.len);
+            self.bytes
+                .resize(read_end.saturating_sub(offset) as usize, 0);
+            read_exact_at(self.file, &mut self.bytes, offset)?;
+            self.start = offset;
+        }
+        let from = (offset - self.start) as usize;
+        Ok(&self.bytes[from.min(self.bytes.len())..])
+    }
+
+    /// Decodes the record at `offset`, reading more when the record runs past the window.
+    fn record(&mut self, offset: u64) -> std::io::Result<Result<format::Framed, DecodeError>> {
+        let mut want = FRAME_LEN + 2;
+        loop {
+            let bytes = self.at(offset, want)?;
+            match decode_record(bytes) {
+                Err(DecodeError::Truncated { needed, .. })
+                    if needed > bytes.len() && needed as u64 <= self.len - offset =>
+                {
+                    want = needed;
+                }
+                result => return Ok(result),
+            }
+        }
+    }
+
+    /// True when a record that frames and checks correctly starts anywhere from `from` on.
+    fn valid_record_follows(&mut self, from: u64) -> std::io::Result<bool> {
+        let mut i = from;
+        while i + (FRAME_LEN + 2) as u64 <= self.len {
+            let head = self.at(i, FRAME_LEN + 2)?;
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as u64;
+            let (kind, flags) = (head[FRAME_LEN], head[FRAME_LEN + 1]);
+            let plausible = len >= 2
+                && len <= self.len - i - FRAME_LEN as u64
+                && (1..=3).contains(&kind)
+                && flags <= 1;
+            if plausible && self.record(i)?.is_ok() {
+                return Ok(true);
+            }
+            i += 1;
+        }
+        Ok(false)
+    }
 }
 
 /// Scans (and in [`ScanMode::Repair`], repairs) the log in `dir`, creating an empty one when
@@ -302,16 +361,21 @@ pub(crate) fn scan(
         let len = file
             .size_bytes()
             .map_err(io_error("reading the length of", &path))?;
-        let mut bytes = vec![0u8; len as usize];
-        read_exact_at(&*file, &mut bytes, 0).map_err(io_error("reading", &path))?;
-        let header = match decode_segment_header(&bytes) {
+        let mut window = Window::new(&*file, len);
+        let header = window
+            .at(0, SEGMENT_HEADER_LEN)
+            .map(decode_segment_header)
+            .map_err(io_error("reading", &path))?;
+        let header = match header {
             Ok(header) => header,
             Err(DecodeError::Version { found }) => {
                 return Err(OpenError::UnsupportedVersion { file: path, found });
             }
             Err(error)
                 if is_last
-                    && !valid_record_follows(&bytes, SEGMENT_HEADER_LEN.min(bytes.len())) =>
+                    && !window
+                        .valid_record_follows((SEGMENT_HEADER_LEN as u64).min(len))
+                        .map_err(io_error("reading", &path))? =>
             {
                 // The header is written and synced before any record: a torn header in the
                 // last segment means the crash came while rolling, before any data.
@@ -339,26 +403,29 @@ pub(crate) fn scan(
                 ),
             ));
         }
-        let mut offset = SEGMENT_HEADER_LEN;
+        let mut offset = SEGMENT_HEADER_LEN as u64;
         let mut committed_end = offset;
         let mut transaction: Vec<(Record, u64)> = Vec::new();
         let mut torn = false;
-        while offset < bytes.len() {
-            match decode_record(&bytes[offset..]) {
+        while offset < len {
+            match window.record(offset).map_err(io_error("reading", &path))? {
                 Ok(framed) => {
-                    transaction.push((framed.record, offset as u64));
-                    offset += framed.len_bytes;
+                    transaction.push((framed.record, offset));
+                    offset += framed.len_bytes as u64;
                     if framed.commit {
                         scan.commit(&path, number, std::mem::take(&mut transaction))?;
                         committed_end = offset;
                     }
                 }
                 Err(error) => {
-                    if is_last && !valid_record_follows(&bytes, offset + 1) {
+                    let follows = window
+                        .valid_record_follows(offset + 1)
+                        .map_err(io_error("reading", &path))?;
+                    if is_last && !follows {
                         torn = true;
                         break;
                     }
-                    return Err(Scan::corrupt(&path, offset as u64, error.to_string()));
+                    return Err(Scan::corrupt(&path, offset, error.to_string()));
                 }
             }
         }
@@ -366,7 +433,7 @@ pub(crate) fn scan(
             if !is_last {
                 return Err(Scan::corrupt(
                     &path,
-                    committed_end as u64,
+                    committed_end,
                     "a sealed segment ends inside a transaction",
                 ));
             }
@@ -377,19 +444,20 @@ pub(crate) fn scan(
                 "truncating the torn tail of an interrupted write"
             );
             if scan.mode == ScanMode::Repair {
-                file.set_len(committed_end as u64)
+                file.set_len(committed_end)
                     .map_err(io_error("truncating", &path))?;
                 file.sync_data().map_err(io_error("syncing", &path))?;
             }
             repairs.push(Repair::TruncatedTail {
                 file: path.clone(),
-                valid_end: committed_end as u64,
+                valid_end: committed_end,
                 length_before: len,
             });
         }
         if is_last {
-            active_end = committed_end as u64;
+            active_end = committed_end;
         }
+        drop(window);
         files.push(file);
     }
     if files.is_empty() && mode == ScanMode::Repair {
