@@ -269,10 +269,7 @@ impl LogStore {
     }
 
     /// First visible and last revision of a stream, or the read error.
-    fn visible_range(
-        &self,
-        stream: &StreamId,
-    ) -> Result<(Revision, Revision, Vec<LogOffset>), ReadStreamError> {
+    fn visible_range(&self, stream: &StreamId) -> Result<(Revision, Revision), ReadStreamError> {
         let index = self.index();
         let Some(entry) = index.streams.get(stream) else {
             return Err(ReadStreamError::NotFound {
@@ -289,22 +286,36 @@ impl LogStore {
                 stream: stream.clone(),
             });
         };
-        let metadata = entry.metadata.clone();
-        let offsets = entry.offsets.clone();
-        drop(index);
-        let first = metadata.first_visible_revision(last, Timestamp::now(), |revision| {
-            // Only with max_age: a binary search reading recorded times from disk.
-            match self.shared.files.record_at(offsets[revision.0 as usize]) {
-                Ok(Record::Event(event)) => event.recorded_at,
-                _ => Timestamp::from_unix_micros(i64::MIN),
-            }
-        });
+        let first = entry
+            .metadata
+            .first_visible_revision(last, Timestamp::now(), |revision| {
+                // Only with max_age: a binary search reading recorded times from disk.
+                match self
+                    .shared
+                    .files
+                    .record_at(entry.offsets[revision.0 as usize])
+                {
+                    Ok(Record::Event(event)) => event.recorded_at,
+                    _ => Timestamp::from_unix_micros(i64::MIN),
+                }
+            });
         if first > last {
             return Err(ReadStreamError::NotFound {
                 stream: stream.clone(),
             });
         }
-        Ok((first, last, offsets))
+        Ok((first, last))
+    }
+
+    /// The log offsets of revisions `range` of `stream` (copied: a page, never the stream).
+    fn stream_offsets(&self, stream: &StreamId, range: std::ops::Range<u64>) -> Vec<LogOffset> {
+        let index = self.index();
+        index
+            .streams
+            .get(stream)
+            .and_then(|entry| entry.offsets.get(range.start as usize..range.end as usize))
+            .map(<[LogOffset]>::to_vec)
+            .unwrap_or_default()
     }
 }
 
@@ -328,7 +339,7 @@ impl EventStore for LogStore {
         options: ReadStreamOptions,
     ) -> Result<StreamSlice, ReadStreamError> {
         self.limits().check_read_count(options.limit)?;
-        let (first, last, offsets) = self.visible_range(stream)?;
+        let (first, last) = self.visible_range(stream)?;
         let limit = options.limit as u64;
         let (range, next_revision, is_end, backwards) = match options.direction {
             Direction::Forwards => {
@@ -356,10 +367,8 @@ impl EventStore for LogStore {
                 }
             }
         };
-        let wanted = offsets
-            .get(range.start as usize..range.end as usize)
-            .unwrap_or_default();
-        let mut events = self.shared.files.events_at(wanted)?;
+        let wanted = self.stream_offsets(stream, range);
+        let mut events = self.shared.files.events_at(&wanted)?;
         if backwards {
             events.reverse();
         }
