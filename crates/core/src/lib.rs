@@ -44,8 +44,8 @@ pub use ids::{EVENT_TYPE_BYTES_MAX, STREAM_ID_BYTES_MAX, StreamId, StreamIdError
 pub use limits::{EventsRejected, InvalidEvent, Limit, LimitExceeded, Limits};
 pub use memory::InMemoryStore;
 pub use rules::{
-    AppendDecision, MultiDecision, StreamView, check_append_requests, decide_append, decide_delete,
-    expected_version_holds, settle_append_multi, stream_state,
+    AppendDecision, MultiDecision, StreamView, check_append_requests, decide_append,
+    decide_append_multi, decide_delete, expected_version_holds, stream_state,
 };
 pub use store::{
     AllSlice, AppendRequest, AppendResult, DeleteMode, Direction, EventFilter, EventStore,

@@ -15,8 +15,8 @@ use crate::{
     MetadataError, MultiDecision, Position, ReadAllError, ReadAllOptions, ReadStreamError,
     ReadStreamOptions, RecordedEvent, Revision, Snapshot, SnapshotError, SnapshotStore,
     StorageError, StreamId, StreamMetadata, StreamSlice, StreamView, SubscribeError, SubscribeFrom,
-    Subscription, Timestamp, check_append_requests, decide_append, decide_delete, follow_all,
-    follow_stream, settle_append_multi,
+    Subscription, Timestamp, check_append_requests, decide_append_multi, decide_delete, follow_all,
+    follow_stream,
 };
 
 /// An event store held in memory. Cheap to clone; clones share the data.
@@ -165,17 +165,8 @@ impl EventStore for InMemoryStore {
         check_append_requests(&self.inner.limits, &requests)?;
         let mut state = self.write();
         let now = Timestamp::now();
-        let mut decisions = Vec::with_capacity(requests.len());
-        for request in &requests {
-            let view = state.view(&request.stream, now);
-            decisions.push(decide_append(
-                &request.stream,
-                request.expected,
-                &request.events,
-                &view,
-            )?);
-        }
-        let first_revisions = match settle_append_multi(&requests, decisions)? {
+        let first_revisions = match decide_append_multi(&requests, |r| state.view(&r.stream, now))?
+        {
             MultiDecision::Write(first_revisions) => first_revisions,
             MultiDecision::Replay(last_revisions) => {
                 return Ok(requests

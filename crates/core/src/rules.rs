@@ -157,10 +157,22 @@ pub enum MultiDecision {
     Replay(Vec<Revision>),
 }
 
-/// Combines the per-stream decisions of an `append_multi`: all writes, or all replays; a mix
-/// (some parts written before, some not) is an idempotency conflict naming the first replayed
-/// part.
-pub fn settle_append_multi(
+/// Applies [`decide_append`] to every part of an `append_multi` (in request order, the first
+/// refusal wins), with `view_of` describing each part's stream, then combines the decisions:
+/// all writes, or all replays; a mix (some parts written before, some not) is an idempotency
+/// conflict naming the first replayed part.
+pub fn decide_append_multi<'r, V: StreamView>(
+    requests: &'r [AppendRequest],
+    mut view_of: impl FnMut(&'r AppendRequest) -> V,
+) -> Result<MultiDecision, AppendError> {
+    let decisions = requests
+        .iter()
+        .map(|r| decide_append(&r.stream, r.expected, &r.events, &view_of(r)))
+        .collect::<Result<Vec<_>, _>>()?;
+    settle(requests, decisions)
+}
+
+fn settle(
     requests: &[AppendRequest],
     decisions: Vec<AppendDecision>,
 ) -> Result<MultiDecision, AppendError> {

@@ -8,7 +8,7 @@ use std::{any::Any, collections::HashMap, sync::Arc};
 use factline_core::{
     AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode, ExpectedVersion,
     MetadataError, MultiDecision, Position, RecordedEvent, Revision, StorageError, StreamId,
-    StreamMetadata, StreamView, Timestamp, Uuid, decide_append, decide_delete, settle_append_multi,
+    StreamMetadata, StreamView, Timestamp, Uuid, decide_append_multi, decide_delete,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -200,7 +200,9 @@ impl Writer {
         requests.close();
         // Answer whatever was still queued, then release the directory lock.
         while let Ok(request) = requests.try_recv() {
-            refuse_closed(request);
+            if let Some(reply) = refuse(request, || StorageError::Closed) {
+                let _ = reply.send(());
+            }
         }
         let Self { lock, .. } = self;
         drop(lock);
@@ -222,6 +224,16 @@ impl Writer {
         let mut replies = Vec::with_capacity(group.len());
         let mut close = None;
         for request in group {
+            if let Some(reason) = &self.failed {
+                // A failed store stages nothing: every request is refused, a close is honoured.
+                let reason = reason.clone();
+                if let Some(reply) = refuse(request, || StorageError::Failed {
+                    reason: reason.clone(),
+                }) {
+                    close = Some(reply);
+                }
+                continue;
+            }
             match request {
                 Request::Close { reply } => close = Some(reply),
                 Request::Append { requests, reply } => {
@@ -405,24 +417,10 @@ impl Writer {
         buffer: &mut Vec<u8>,
         updates: &mut Vec<IndexUpdate>,
     ) -> Result<Vec<AppendResult>, AppendError> {
-        if let Some(reason) = &self.failed {
-            return Err(StorageError::Failed {
-                reason: reason.clone(),
-            }
-            .into());
-        }
         let now = Timestamp::now();
-        let mut decisions = Vec::with_capacity(requests.len());
-        for request in &requests {
-            let view = self.view(&request.stream, request.expected, request.events.len(), now);
-            decisions.push(decide_append(
-                &request.stream,
-                request.expected,
-                &request.events,
-                &view,
-            )?);
-        }
-        let first_revisions = match settle_append_multi(&requests, decisions)? {
+        let first_revisions = match decide_append_multi(&requests, |r| {
+            self.view(&r.stream, r.expected, r.events.len(), now)
+        })? {
             MultiDecision::Write(first_revisions) => first_revisions,
             MultiDecision::Replay(last_revisions) => {
                 return requests
@@ -483,17 +481,22 @@ impl Writer {
         buffer: &mut Vec<u8>,
         updates: &mut Vec<IndexUpdate>,
     ) -> Result<(), MetadataError> {
-        if let Some(reason) = &self.failed {
-            return Err(StorageError::Failed {
-                reason: reason.clone(),
-            }
-            .into());
-        }
-        let head = self.heads.entry(stream.clone()).or_default();
-        if head.tombstoned {
+        if self.heads.get(&stream).is_some_and(|head| head.tombstoned) {
             return Err(MetadataError::Deleted { stream });
         }
-        head.metadata = metadata.clone();
+        self.put_metadata(stream, metadata, buffer, updates);
+        Ok(())
+    }
+
+    /// Stages a metadata record (also how a soft delete is stored) and the head change.
+    fn put_metadata(
+        &mut self,
+        stream: StreamId,
+        metadata: StreamMetadata,
+        buffer: &mut Vec<u8>,
+        updates: &mut Vec<IndexUpdate>,
+    ) {
+        self.heads.entry(stream.clone()).or_default().metadata = metadata.clone();
         encode_record(
             buffer,
             &Record::Metadata {
@@ -503,7 +506,6 @@ impl Writer {
             true,
         );
         updates.push(IndexUpdate::Metadata { stream, metadata });
-        Ok(())
     }
 
     fn stage_delete(
@@ -514,35 +516,20 @@ impl Writer {
         buffer: &mut Vec<u8>,
         updates: &mut Vec<IndexUpdate>,
     ) -> Result<(), DeleteError> {
-        if let Some(reason) = &self.failed {
-            return Err(StorageError::Failed {
-                reason: reason.clone(),
-            }
-            .into());
-        }
         let view = self.view(stream, ExpectedVersion::Any, 0, Timestamp::now());
         let last = decide_delete(stream, expected, mode, &view)?;
-        let head = self.heads.entry(stream.clone()).or_default();
         match mode {
             DeleteMode::Soft => {
-                let mut metadata = head.metadata.clone();
+                let mut metadata = self
+                    .heads
+                    .get(stream)
+                    .map(|head| head.metadata.clone())
+                    .unwrap_or_default();
                 metadata.truncate_before = last.map(Revision::next);
-                head.metadata = metadata.clone();
-                encode_record(
-                    buffer,
-                    &Record::Metadata {
-                        stream: stream.clone(),
-                        metadata: metadata.clone(),
-                    },
-                    true,
-                );
-                updates.push(IndexUpdate::Metadata {
-                    stream: stream.clone(),
-                    metadata,
-                });
+                self.put_metadata(stream.clone(), metadata, buffer, updates);
             }
             DeleteMode::Tombstone => {
-                head.tombstoned = true;
+                self.heads.entry(stream.clone()).or_default().tombstoned = true;
                 encode_record(
                     buffer,
                     &Record::Tombstone {
@@ -559,11 +546,14 @@ impl Writer {
     }
 }
 
-fn refuse_closed(request: Request) {
+/// Answers a data request with `error` (a caller that stopped waiting needs no answer);
+/// returns the reply of a `Close` for the caller to honour.
+fn refuse(request: Request, error: impl Fn() -> StorageError) -> Option<oneshot::Sender<()>> {
     match request {
-        Request::Append { reply, .. } => drop(reply.send(Err(StorageError::Closed.into()))),
-        Request::SetMetadata { reply, .. } => drop(reply.send(Err(StorageError::Closed.into()))),
-        Request::Delete { reply, .. } => drop(reply.send(Err(StorageError::Closed.into()))),
-        Request::Close { reply } => drop(reply.send(())),
+        Request::Append { reply, .. } => drop(reply.send(Err(error().into()))),
+        Request::SetMetadata { reply, .. } => drop(reply.send(Err(error().into()))),
+        Request::Delete { reply, .. } => drop(reply.send(Err(error().into()))),
+        Request::Close { reply } => return Some(reply),
     }
+    None
 }
