@@ -119,95 +119,62 @@ impl Files {
         let mut scanned = 0u64;
         let mut last_examined = None;
         let mut decoder = Decoder::default();
-        with_read_buffer(|buffer| {
-            self.scan_into(
-                buffer,
-                &mut decoder,
-                (&mut at, end, &mut scanned, &mut last_examined),
-                (limit, filter, chunk_bytes, scan_bytes_max),
-                &mut events,
-            )
+        with_read_buffer(|buffer| -> Result<(), StorageError> {
+            loop {
+                if at >= end || events.len() >= limit || scanned >= scan_bytes_max {
+                    return Ok(());
+                }
+                let file = self.file(at.segment())?;
+                let segment_end = if at.segment() == end.segment() {
+                    end.offset()
+                } else {
+                    file.size_bytes().map_err(StorageError::backend)?
+                };
+                if at.offset() >= segment_end {
+                    at = LogOffset::new(at.segment() + 1, crate::format::SEGMENT_HEADER_LEN as u64);
+                    continue;
+                }
+                let mut want = chunk_bytes.min((segment_end - at.offset()) as usize);
+                buffer.resize(want, 0);
+                read_exact_at(&*file, &mut buffer[..want], at.offset())
+                    .map_err(StorageError::backend)?;
+                let mut cursor = 0usize;
+                while cursor < want && events.len() < limit {
+                    match decoder.decode(&buffer[cursor..want]) {
+                        Ok(framed) => {
+                            if let Record::Event(event) = framed.record {
+                                last_examined = Some(event.position);
+                                if filter.matches_event(&event) {
+                                    events.push(event);
+                                }
+                            }
+                            cursor += framed.len_bytes;
+                        }
+                        Err(DecodeError::Truncated { needed, .. })
+                            if cursor == 0 && needed > want =>
+                        {
+                            // One record larger than the chunk: read it whole, then decode again.
+                            want = needed;
+                            buffer.resize(want, 0);
+                            read_exact_at(&*file, &mut buffer[..want], at.offset())
+                                .map_err(StorageError::backend)?;
+                        }
+                        Err(DecodeError::Truncated { .. }) => break,
+                        Err(error) => {
+                            let bad = LogOffset::new(at.segment(), at.offset() + cursor as u64);
+                            return Err(corrupt(bad, &error.to_string()));
+                        }
+                    }
+                }
+                scanned += cursor as u64;
+                at = LogOffset::new(at.segment(), at.offset() + cursor as u64);
+            }
         })?;
         Ok(ScanResult {
             reached_end: at >= end,
             events,
             last_examined,
         })
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn scan_into(
-        &self,
-        buffer: &mut Vec<u8>,
-        decoder: &mut Decoder,
-        (at, end, scanned, last_examined): (
-            &mut LogOffset,
-            LogOffset,
-            &mut u64,
-            &mut Option<factline_core::Position>,
-        ),
-        (limit, filter, chunk_bytes, scan_bytes_max): (usize, &EventFilter, usize, u64),
-        events: &mut Vec<RecordedEvent>,
-    ) -> Result<(), StorageError> {
-        loop {
-            if *at >= end || events.len() >= limit || *scanned >= scan_bytes_max {
-                return Ok(());
-            }
-            let file = self.file(at.segment())?;
-            let segment_end = if at.segment() == end.segment() {
-                end.offset()
-            } else {
-                file.size_bytes().map_err(StorageError::backend)?
-            };
-            if at.offset() >= segment_end {
-                *at = LogOffset::new(at.segment() + 1, crate::format::SEGMENT_HEADER_LEN as u64);
-                continue;
-            }
-            let want = chunk_bytes.min((segment_end - at.offset()) as usize);
-            buffer.resize(want, 0);
-            read_exact_at(&*file, &mut buffer[..want], at.offset())
-                .map_err(StorageError::backend)?;
-            let mut cursor = 0usize;
-            while cursor < want && events.len() < limit {
-                match decoder.decode(&buffer[cursor..want]) {
-                    Ok(framed) => {
-                        if let Record::Event(event) = framed.record {
-                            *last_examined = Some(event.position);
-                            if filter.matches_event(&event) {
-                                events.push(event);
-                            }
-                        }
-                        cursor += framed.len_bytes;
-                    }
-                    Err(DecodeError::Truncated { needed, .. }) if cursor == 0 => {
-                        // One record larger than the chunk: read it whole.
-                        buffer.resize(needed, 0);
-                        read_exact_at(&*file, &mut buffer[..needed], at.offset())
-                            .map_err(StorageError::backend)?;
-                        match decoder.decode(&buffer[..needed]) {
-                            Ok(framed) => {
-                                if let Record::Event(event) = framed.record {
-                                    *last_examined = Some(event.position);
-                                    if filter.matches_event(&event) {
-                                        events.push(event);
-                                    }
-                                }
-                                cursor = framed.len_bytes;
-                            }
-                            Err(error) => return Err(corrupt(*at, &error.to_string())),
-                        }
-                        break;
-                    }
-                    Err(DecodeError::Truncated { .. }) => break,
-                    Err(error) => {
-                        let bad = LogOffset::new(at.segment(), at.offset() + cursor as u64);
-                        return Err(corrupt(bad, &error.to_string()));
-                    }
-                }
-            }
-            *scanned += cursor as u64;
-            *at = LogOffset::new(at.segment(), at.offset() + cursor as u64);
-        }
     }
 }
 

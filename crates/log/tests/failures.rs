@@ -584,3 +584,35 @@ async fn large_segments_are_recovered_through_windows() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+/// `$all` scans read in chunks; a record larger than a chunk is read whole.
+#[tokio::test]
+async fn records_larger_than_the_read_chunk_are_scanned() {
+    let storage = FaultyStorage::new();
+    let mut options = LogOptions::default();
+    options.read_chunk_bytes = 4096;
+    let (store, _) = LogStore::open_with(Arc::new(storage.clone()), Path::new(DIR), options)
+        .await
+        .unwrap();
+    let s = stream("order-wide");
+    for i in 0..20 {
+        let size = if i % 3 == 0 { 10_000 } else { 100 };
+        let event = EventData::json(
+            "Wide",
+            &serde_json::json!({ "n": i, "pad": "z".repeat(size) }),
+        )
+        .unwrap();
+        store
+            .append(&s, ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
+    }
+    let all = all_events(&store).await;
+    assert_eq!(all.len(), 20);
+    for (i, e) in all.iter().enumerate() {
+        let n = e.data_json::<serde_json::Value>().unwrap()["n"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(n, i as u64);
+    }
+}
