@@ -96,19 +96,23 @@ fn verify(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
             "segments": report.segments,
             "records": report.records,
             "events": report.events,
-            "streams": report.streams,
+            "index_entries": report.index_entries,
+            "index_events_checked": report.index_events_checked,
             "pending_repairs": repairs,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!(
-            "ok: {} segments, {} records, {} events, {} streams",
-            report.segments, report.records, report.events, report.streams
+            "ok: {} segments, {} records, {} events, {} index entries, {} events checked \
+             against the index",
+            report.segments,
+            report.records,
+            report.events,
+            report.index_entries,
+            report.index_events_checked
         );
         for repair in repairs {
-            println!(
-                "will repair on open (an interrupted write, nothing acknowledged is lost): {repair}"
-            );
+            println!("will repair on open (nothing acknowledged is lost): {repair}");
         }
     }
     Ok(())

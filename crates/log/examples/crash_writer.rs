@@ -4,21 +4,30 @@
 //! It continues each writer's stream where the previous (killed) run left it.
 #![allow(clippy::print_stdout, clippy::expect_used, clippy::unwrap_used)]
 
-use std::io::Write as _;
+use std::{io::Write as _, path::Path, sync::Arc};
 
 use factline_core::{
     EventData, EventStore, ExpectedVersion, ReadStreamError, ReadStreamOptions, StreamId,
 };
-use factline_log::LogStore;
+use factline_log::{DiskStorage, LogOptions, LogStore};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().expect("usage: crash_writer DIR [WRITERS]");
+    let dir = args
+        .next()
+        .expect("usage: crash_writer DIR [WRITERS [MEMTABLE_ENTRIES]]");
     let writers: usize = args
         .next()
         .map_or(8, |w| w.parse().expect("WRITERS is a number"));
-    let store = LogStore::open(&dir).await.expect("open the log");
+    let mut options = LogOptions::default();
+    if let Some(entries) = args.next() {
+        options.index_memtable_entries_max = entries.parse().expect("MEMTABLE_ENTRIES is a number");
+    }
+    let store = LogStore::open_with(Arc::new(DiskStorage), Path::new(&dir), options)
+        .await
+        .expect("open the log")
+        .0;
     let mut tasks = Vec::new();
     for writer in 0..writers {
         let store = store.clone();

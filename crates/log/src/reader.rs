@@ -26,6 +26,13 @@ pub(crate) struct Files {
 }
 
 impl Files {
+    /// The segment files, by number.
+    pub(crate) fn into_segments(self) -> Vec<Arc<dyn StorageFile>> {
+        self.segments
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn file(&self, segment: u64) -> Result<Arc<dyn StorageFile>, StorageError> {
         let segments = self
             .segments

@@ -2,19 +2,21 @@
 //! and rebuilding the index. `verify` runs the same scan without changing anything.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, RwLock},
 };
 
-use factline_core::{StreamId, Timestamp};
+use factline_core::{StorageError, Timestamp};
 
 use crate::{
     format::{
         self, DecodeError, FRAME_LEN, Record, SEGMENT_HEADER_LEN, SegmentHeader, decode_record,
         decode_segment_header, encode_segment_header,
     },
-    index::{Head, Index, IndexUpdate, LogOffset},
+    index::{
+        Index, IndexFiles, IndexReader, IndexUpdate, InfoCache, Loaded, LogOffset, TableError,
+    },
+    reader::Files,
     storage::{Storage, StorageFile, read_exact_at, write_all_at},
 };
 
@@ -112,6 +114,12 @@ pub enum Repair {
         /// The segment file.
         file: PathBuf,
     },
+    /// The index files were unusable and the index was rebuilt from the log (the index is
+    /// derived data: nothing is lost).
+    RebuiltIndex {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Whether the scan may change files.
@@ -123,36 +131,80 @@ pub(crate) enum ScanMode {
     ReadOnly,
 }
 
+/// Limits the scan keeps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScanOptions {
+    /// Flush the memtable to a table at this many entries (when writable).
+    pub(crate) memtable_entries_max: usize,
+    /// Streams the cache of table facts holds.
+    pub(crate) cache_entries_max: usize,
+}
+
 /// The state rebuilt from the log.
 #[derive(Debug)]
 pub(crate) struct Recovered {
     /// The readers' index.
     pub(crate) index: Index,
-    /// The writer's stream heads.
-    pub(crate) heads: HashMap<StreamId, Head>,
+    /// The index files, for the indexer.
+    pub(crate) index_files: IndexFiles,
+    /// Open segment files.
+    pub(crate) files: Files,
     /// The position the next event gets.
     pub(crate) next_position: u64,
     /// The newest recorded time.
     pub(crate) last_recorded_at: Option<Timestamp>,
-    /// Open segment files, by number.
-    pub(crate) segments: Vec<Arc<dyn StorageFile>>,
     /// End of the valid data in the last segment.
     pub(crate) active_end: u64,
     /// Repairs made (or, read-only, that opening would make).
     pub(crate) repairs: Vec<Repair>,
-    /// Records scanned.
+    /// Records scanned after the checkpoint (read-only: and before it).
     pub(crate) records: u64,
+    /// True when no checkpoint was used.
+    pub(crate) index_rebuilt: bool,
+    /// Events whose index entries were checked against the log (read-only).
+    pub(crate) index_checked: u64,
 }
 
 struct Scan<'a> {
-    storage: &'a dyn Storage,
-    window: usize,
     mode: ScanMode,
-    index: Index,
-    heads: HashMap<StreamId, Head>,
+    options: ScanOptions,
+    index: &'a RwLock<Index>,
+    files: &'a Files,
+    cache: &'a Mutex<InfoCache>,
+    index_files: &'a mut IndexFiles,
     next_position: u64,
     last_recorded_at: Option<Timestamp>,
     records: u64,
+    index_checked: u64,
+}
+
+impl From<TableError> for OpenError {
+    fn from(error: TableError) -> Self {
+        index_error(error)
+    }
+}
+
+fn index_error(error: TableError) -> OpenError {
+    match error {
+        TableError::Io {
+            action,
+            path,
+            source,
+        } => OpenError::Io {
+            action,
+            path,
+            source,
+        },
+        TableError::Corrupt {
+            path,
+            offset,
+            reason,
+        } => OpenError::Corrupt {
+            file: path,
+            offset,
+            reason,
+        },
+    }
 }
 
 impl Scan<'_> {
@@ -164,16 +216,38 @@ impl Scan<'_> {
         }
     }
 
-    /// Applies one committed transaction, checking that positions and revisions continue.
+    fn reader(&self) -> IndexReader<'_> {
+        IndexReader {
+            index: self.index,
+            files: self.files,
+            cache: self.cache,
+        }
+    }
+
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies one committed transaction, checking that positions and revisions continue;
+    /// `end` is the offset after it.
     fn commit(
         &mut self,
         file: &Path,
         segment: u64,
         transaction: Vec<(Record, u64)>,
+        end: u64,
     ) -> Result<(), OpenError> {
+        let unreadable = |offset: u64| {
+            move |error: StorageError| {
+                Scan::corrupt(file, offset, format!("reading the index failed: {error}"))
+            }
+        };
         for (record, offset) in transaction {
             self.records += 1;
-            match record {
+            let at = LogOffset::new(segment, offset);
+            let update = match record {
                 Record::Event(event) => {
                     if event.position.0 != self.next_position {
                         return Err(Self::corrupt(
@@ -185,9 +259,12 @@ impl Scan<'_> {
                             ),
                         ));
                     }
-                    let head = self.heads.entry(event.stream.clone()).or_default();
-                    let expected = head.last.map_or(0, |r| r.0 + 1);
-                    if event.revision.0 != expected || head.tombstoned {
+                    let info = self
+                        .reader()
+                        .stream_info(&event.stream)
+                        .map_err(unreadable(offset))?;
+                    let expected = info.last.map_or(0, |r| r.0 + 1);
+                    if event.revision.0 != expected || info.tombstoned {
                         return Err(Self::corrupt(
                             file,
                             offset,
@@ -195,7 +272,7 @@ impl Scan<'_> {
                                 "event of {} has revision {}, expected {expected}{}",
                                 event.stream,
                                 event.revision,
-                                if head.tombstoned {
+                                if info.tombstoned {
                                     " (stream is tombstoned)"
                                 } else {
                                     ""
@@ -203,29 +280,118 @@ impl Scan<'_> {
                             ),
                         ));
                     }
-                    head.push_event(event.revision, event.id, event.recorded_at, self.window);
                     self.last_recorded_at = Some(
                         self.last_recorded_at
                             .map_or(event.recorded_at, |t| t.max(event.recorded_at)),
                     );
-                    self.index.apply(IndexUpdate::Event {
+                    self.next_position += 1;
+                    IndexUpdate::Event {
                         stream: event.stream,
                         revision: event.revision,
                         position: event.position,
                         recorded_at: event.recorded_at,
-                        offset: LogOffset::new(segment, offset),
-                    });
-                    self.next_position += 1;
+                        offset: at,
+                    }
                 }
-                Record::Metadata { stream, metadata } => {
-                    self.heads.entry(stream.clone()).or_default().metadata = metadata.clone();
-                    self.index.apply(IndexUpdate::Metadata { stream, metadata });
-                }
-                Record::Tombstone { stream } => {
-                    self.heads.entry(stream.clone()).or_default().tombstoned = true;
-                    self.index.apply(IndexUpdate::Tombstone { stream });
-                }
+                Record::Metadata { stream, metadata } => IndexUpdate::Metadata {
+                    stream,
+                    metadata,
+                    offset: at,
+                },
+                Record::Tombstone { stream } => IndexUpdate::Tombstone { stream, offset: at },
+            };
+            self.write_index().apply(update);
+        }
+        let full = {
+            let mut index = self.write_index();
+            index.committed_end = Some(LogOffset::new(segment, end));
+            index.mem.entries >= self.options.memtable_entries_max
+        };
+        if full && self.mode == ScanMode::Repair {
+            let (mem, covered_end) = {
+                let mut index = self.write_index();
+                (index.freeze(), LogOffset::new(segment, end))
+            };
+            self.index_files
+                .flush(&mem, covered_end, self.last_recorded_at)
+                .map_err(index_error)?;
+            self.write_index().publish(self.index_files, true);
+            while self.index_files.merge_step().map_err(index_error)? {
+                self.write_index().publish(self.index_files, false);
             }
+            self.index_files.remove_retired();
+        }
+        Ok(())
+    }
+
+    /// Read-only: checks the records in `from..to` of a segment, which the checkpoint says the
+    /// index covers, and that the index agrees with them.
+    fn check_covered(
+        &mut self,
+        path: &Path,
+        segment: u64,
+        window: &mut Window<'_>,
+        from: u64,
+        to: u64,
+        position: &mut u64,
+    ) -> Result<(), OpenError> {
+        let mut offset = from;
+        while offset < to {
+            let framed = window
+                .record(offset)
+                .map_err(io_error("reading", path))?
+                .map_err(|error| Self::corrupt(path, offset, error.to_string()))?;
+            self.records += 1;
+            let at = LogOffset::new(segment, offset);
+            if let Record::Event(event) = &framed.record {
+                if event.position.0 != *position {
+                    return Err(Self::corrupt(
+                        path,
+                        offset,
+                        format!("event has position {}, expected {position}", event.position),
+                    ));
+                }
+                let reader = self.reader();
+                let unreadable = |error: StorageError| {
+                    Self::corrupt(path, offset, format!("reading the index failed: {error}"))
+                };
+                let by_position = reader
+                    .position_offsets(*position..*position + 1)
+                    .map_err(unreadable)?;
+                if by_position != [at] {
+                    return Err(Self::corrupt(
+                        path,
+                        offset,
+                        format!(
+                            "the index's positions file does not point at event {position} here"
+                        ),
+                    ));
+                }
+                let revision = event.revision.0;
+                let by_stream = reader
+                    .stream_offsets(&event.stream, revision..revision + 1)
+                    .map_err(unreadable)?;
+                if !by_stream.contains(&at) {
+                    return Err(Self::corrupt(
+                        path,
+                        offset,
+                        format!(
+                            "the index has no entry for revision {revision} of {} here",
+                            event.stream
+                        ),
+                    ));
+                }
+                self.index_checked += 1;
+                *position += 1;
+            }
+            offset += framed.len_bytes as u64;
+        }
+        if offset != to {
+            return Err(Self::corrupt(
+                path,
+                to,
+                "the index checkpoint does not end at a record boundary",
+            ));
         }
         Ok(())
     }
@@ -307,16 +473,26 @@ impl<'a> Window<'a> {
     }
 }
 
+/// One opened segment.
+struct Segment {
+    path: PathBuf,
+    file: Arc<dyn StorageFile>,
+    len: u64,
+    first_position: u64,
+}
+
 /// Scans (and in [`ScanMode::Repair`], repairs) the log in `dir`, creating an empty one when
-/// there is none.
+/// there is none. With a usable index checkpoint only the log after it is read (read-only:
+/// everything, checking the index against it).
 pub(crate) fn scan(
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     dir: &Path,
-    window: usize,
+    options: ScanOptions,
     mode: ScanMode,
 ) -> Result<Recovered, OpenError> {
     let segments_dir = dir.join(SEGMENTS_DIR);
-    if mode == ScanMode::Repair {
+    let writable = mode == ScanMode::Repair;
+    if writable {
         storage
             .create_dir_all(&segments_dir)
             .map_err(io_error("creating", &segments_dir))?;
@@ -337,25 +513,14 @@ pub(crate) fn scan(
             ));
         }
     }
-    let mut scan = Scan {
-        storage,
-        window,
-        mode,
-        index: Index::default(),
-        heads: HashMap::new(),
-        next_position: 0,
-        last_recorded_at: None,
-        records: 0,
-    };
-    let mut files = Vec::new();
     let mut repairs = Vec::new();
-    let mut active_end = SEGMENT_HEADER_LEN as u64;
+    // Pass 1: open every segment and check its header.
+    let mut segments: Vec<Segment> = Vec::new();
     let count = numbers.len();
     for number in numbers {
         let is_last = number as usize + 1 == count;
         let path = segments_dir.join(segment_name(number));
-        let file = scan
-            .storage
+        let file = storage
             .open(&path, false)
             .map_err(io_error("opening", &path))?;
         let len = file
@@ -380,11 +545,11 @@ pub(crate) fn scan(
                 // The header is written and synced before any record: a torn header in the
                 // last segment means the crash came while rolling, before any data.
                 tracing::warn!(file = %path.display(), %error, "removing a segment whose header was torn by a crash");
-                if scan.mode == ScanMode::Repair {
-                    scan.storage
+                if writable {
+                    storage
                         .remove_file(&path)
                         .map_err(io_error("removing", &path))?;
-                    scan.storage
+                    storage
                         .sync_dir(&segments_dir)
                         .map_err(io_error("syncing", &segments_dir))?;
                 }
@@ -393,46 +558,170 @@ pub(crate) fn scan(
             }
             Err(error) => return Err(Scan::corrupt(&path, 0, format!("segment header: {error}"))),
         };
-        if header.segment_no != number || header.first_position != scan.next_position {
+        let previous_first = segments.last().map_or(0, |s| s.first_position);
+        if header.segment_no != number || header.first_position < previous_first {
             return Err(Scan::corrupt(
                 &path,
                 0,
                 format!(
-                    "segment header says number {} first position {}, expected {number} and {}",
-                    header.segment_no, header.first_position, scan.next_position
+                    "segment header says number {} first position {}, expected {number} and at \
+                     least {previous_first}",
+                    header.segment_no, header.first_position
                 ),
             ));
         }
-        let mut offset = SEGMENT_HEADER_LEN as u64;
+        drop(window);
+        segments.push(Segment {
+            path,
+            file,
+            len,
+            first_position: header.first_position,
+        });
+    }
+    if segments.is_empty() && writable {
+        let path = segments_dir.join(segment_name(0));
+        let file = create_segment(&**storage, &segments_dir, 0, 0)?;
+        tracing::info!(file = %path.display(), "created a new log");
+        segments.push(Segment {
+            path,
+            file,
+            len: SEGMENT_HEADER_LEN as u64,
+            first_position: 0,
+        });
+    }
+    // The index: where the scan starts.
+    let (mut index_files, loaded) =
+        IndexFiles::open(Arc::clone(storage), dir, writable).map_err(index_error)?;
+    let mut start = (0usize, SEGMENT_HEADER_LEN as u64, 0u64, None);
+    let mut index_rebuilt = true;
+    match loaded {
+        Loaded::Checkpoint(checkpoint) => {
+            let s = checkpoint.covered_end.segment() as usize;
+            let at = checkpoint.covered_end.offset();
+            let fits = segments.get(s).is_some_and(|segment| {
+                at >= SEGMENT_HEADER_LEN as u64
+                    && at <= segment.len
+                    && segment.first_position <= checkpoint.next_position
+            }) && segments
+                .get(s + 1)
+                .is_none_or(|next| next.first_position >= checkpoint.next_position);
+            if fits {
+                start = (s, at, checkpoint.next_position, checkpoint.last_recorded_at);
+                index_rebuilt = false;
+            } else {
+                let reason = format!(
+                    "the index checkpoint covers the log up to segment {s} offset {at}, which \
+                     the log does not hold"
+                );
+                tracing::warn!(%reason, "rebuilding the index from the log");
+                index_files.discard(writable).map_err(index_error)?;
+                repairs.push(Repair::RebuiltIndex { reason });
+            }
+        }
+        Loaded::Discarded(reason) => repairs.push(Repair::RebuiltIndex { reason }),
+        Loaded::Empty => {}
+    }
+    let files = Files {
+        segments: std::sync::RwLock::new(segments.iter().map(|s| Arc::clone(&s.file)).collect()),
+    };
+    let index = RwLock::new(Index::new(&index_files));
+    let cache = Mutex::new(InfoCache::new(options.cache_entries_max));
+    let mut scan = Scan {
+        mode,
+        options,
+        index: &index,
+        files: &files,
+        cache: &cache,
+        index_files: &mut index_files,
+        next_position: start.2,
+        last_recorded_at: start.3,
+        records: 0,
+        index_checked: 0,
+    };
+    let mut active_end = SEGMENT_HEADER_LEN as u64;
+    let mut covered_position = 0u64;
+    let segment_count = segments.len();
+    for (number, segment) in segments.iter().enumerate() {
+        let is_last = number + 1 == segment_count;
+        let Segment {
+            path, file, len, ..
+        } = segment;
+        let len = *len;
+        let mut window = Window::new(&**file, len);
+        // Records the checkpoint covers: skipped, or checked when read-only.
+        if number <= start.0 && mode == ScanMode::ReadOnly && !index_rebuilt {
+            let to = if number < start.0 { len } else { start.1 };
+            if covered_position != segment.first_position {
+                return Err(Scan::corrupt(
+                    path,
+                    0,
+                    format!(
+                        "segment starts at position {}, the previous ended at {covered_position}",
+                        segment.first_position
+                    ),
+                ));
+            }
+            scan.check_covered(
+                path,
+                number as u64,
+                &mut window,
+                SEGMENT_HEADER_LEN as u64,
+                to,
+                &mut covered_position,
+            )?;
+        }
+        if number < start.0 {
+            continue;
+        }
+        let mut offset = if number == start.0 {
+            start.1
+        } else {
+            SEGMENT_HEADER_LEN as u64
+        };
+        if offset == SEGMENT_HEADER_LEN as u64 && segment.first_position != scan.next_position {
+            return Err(Scan::corrupt(
+                path,
+                0,
+                format!(
+                    "segment header says first position {}, expected {}",
+                    segment.first_position, scan.next_position
+                ),
+            ));
+        }
         let mut committed_end = offset;
         let mut transaction: Vec<(Record, u64)> = Vec::new();
         let mut torn = false;
         while offset < len {
-            match window.record(offset).map_err(io_error("reading", &path))? {
+            match window.record(offset).map_err(io_error("reading", path))? {
                 Ok(framed) => {
                     transaction.push((framed.record, offset));
                     offset += framed.len_bytes as u64;
                     if framed.commit {
-                        scan.commit(&path, number, std::mem::take(&mut transaction))?;
+                        scan.commit(
+                            path,
+                            number as u64,
+                            std::mem::take(&mut transaction),
+                            offset,
+                        )?;
                         committed_end = offset;
                     }
                 }
                 Err(error) => {
                     let follows = window
                         .valid_record_follows(offset + 1)
-                        .map_err(io_error("reading", &path))?;
+                        .map_err(io_error("reading", path))?;
                     if is_last && !follows {
                         torn = true;
                         break;
                     }
-                    return Err(Scan::corrupt(&path, offset, error.to_string()));
+                    return Err(Scan::corrupt(path, offset, error.to_string()));
                 }
             }
         }
         if !transaction.is_empty() || torn {
             if !is_last {
                 return Err(Scan::corrupt(
-                    &path,
+                    path,
                     committed_end,
                     "a sealed segment ends inside a transaction",
                 ));
@@ -443,10 +732,10 @@ pub(crate) fn scan(
                 length = len,
                 "truncating the torn tail of an interrupted write"
             );
-            if scan.mode == ScanMode::Repair {
+            if writable {
                 file.set_len(committed_end)
-                    .map_err(io_error("truncating", &path))?;
-                file.sync_data().map_err(io_error("syncing", &path))?;
+                    .map_err(io_error("truncating", path))?;
+                file.sync_data().map_err(io_error("syncing", path))?;
             }
             repairs.push(Repair::TruncatedTail {
                 file: path.clone(),
@@ -457,28 +746,30 @@ pub(crate) fn scan(
         if is_last {
             active_end = committed_end;
         }
-        drop(window);
-        files.push(file);
     }
-    if files.is_empty() && mode == ScanMode::Repair {
-        let path = segments_dir.join(segment_name(0));
-        let file = create_segment(storage, &segments_dir, 0, scan.next_position)?;
-        tracing::info!(file = %path.display(), "created a new log");
-        files.push(file);
-        active_end = SEGMENT_HEADER_LEN as u64;
-    }
-    if let Some(last) = files.len().checked_sub(1) {
-        scan.index.committed_end = Some(LogOffset::new(last as u64, active_end));
+    let (next_position, last_recorded_at, records, index_checked) = (
+        scan.next_position,
+        scan.last_recorded_at,
+        scan.records,
+        scan.index_checked,
+    );
+    let mut index = index
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(last) = segment_count.checked_sub(1) {
+        index.committed_end = Some(LogOffset::new(last as u64, active_end));
     }
     Ok(Recovered {
-        index: scan.index,
-        heads: scan.heads,
-        next_position: scan.next_position,
-        last_recorded_at: scan.last_recorded_at,
-        segments: files,
+        index,
+        index_files,
+        files,
+        next_position,
+        last_recorded_at,
         active_end,
         repairs,
-        records: scan.records,
+        records,
+        index_rebuilt,
+        index_checked,
     })
 }
 

@@ -17,13 +17,13 @@ use factline_core::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    format::{RECORD_BODY_BYTES_MAX, Record},
-    index::{Index, LogOffset},
+    format::RECORD_BODY_BYTES_MAX,
+    index::{Index, IndexReader, InfoCache, LogOffset, StreamInfo},
     reader::{Files, read_index},
-    recovery::{OpenError, Repair, ScanMode, scan},
+    recovery::{OpenError, Repair, ScanMode, ScanOptions, scan},
     snapshots,
     storage::{DiskStorage, Storage},
-    writer::{Request, Writer},
+    writer::{Indexer, Request, Writer},
 };
 
 /// Settings of a [`LogStore`].
@@ -48,6 +48,14 @@ pub struct LogOptions {
     /// Bytes a filtered `$all` read examines at most before returning a short page. Default
     /// 64 MiB.
     pub scan_bytes_max: u64,
+    /// Index entries (events, plus one per stream for metadata and tombstone) the memtable
+    /// holds before it is written to an index table. It bounds the index's memory (about 40
+    /// bytes per entry, plus about 100 per stream touched) and the log replayed on open.
+    /// Default 262,144.
+    pub index_memtable_entries_max: usize,
+    /// Streams whose facts (last revision, metadata, idempotency window) are cached, in the
+    /// writer and for readers each. Default 65,536.
+    pub stream_cache_streams_max: usize,
 }
 
 impl Default for LogOptions {
@@ -60,6 +68,8 @@ impl Default for LogOptions {
             idempotency_window_events: 32,
             read_chunk_bytes: 1024 * 1024,
             scan_bytes_max: 64 * 1024 * 1024,
+            index_memtable_entries_max: 262_144,
+            stream_cache_streams_max: 65_536,
         }
     }
 }
@@ -85,6 +95,12 @@ impl LogOptions {
         if self.read_chunk_bytes < 4096 {
             return invalid("read_chunk_bytes", "must be at least 4 KiB");
         }
+        if self.index_memtable_entries_max == 0 {
+            return invalid("index_memtable_entries_max", "must be at least 1");
+        }
+        if self.stream_cache_streams_max < 2 {
+            return invalid("stream_cache_streams_max", "must be at least 2");
+        }
         Ok(())
     }
 }
@@ -99,9 +115,27 @@ pub(crate) struct Shared {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) dir: PathBuf,
     pub(crate) snapshot_lock: Mutex<()>,
+    pub(crate) info_cache: Mutex<InfoCache>,
 }
 
 impl Shared {
+    /// Lookups over the index.
+    pub(crate) fn reader(&self) -> IndexReader<'_> {
+        IndexReader {
+            index: &self.index,
+            files: &self.files,
+            cache: &self.info_cache,
+        }
+    }
+
+    /// Write access to the index (a poisoned lock is taken over: the index changes in whole
+    /// steps).
+    pub(crate) fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub(crate) fn remove_snapshot(&self, stream: &StreamId) -> std::io::Result<()> {
         let _guard = self
             .snapshot_lock
@@ -127,10 +161,12 @@ pub struct LogStore {
 pub struct OpenReport {
     /// Repairs made while opening (torn tails truncated).
     pub repairs: Vec<Repair>,
-    /// Records read.
+    /// Records read: those after the index checkpoint (all of them without one).
     pub records: u64,
     /// Events in the log.
     pub events: u64,
+    /// True when the index was rebuilt from the whole log (no usable checkpoint).
+    pub index_rebuilt: bool,
 }
 
 impl LogStore {
@@ -188,32 +224,48 @@ impl LogStore {
             }
         })?;
         let recovered = scan(
-            &*storage,
+            &storage,
             &dir,
-            options.idempotency_window_events,
+            ScanOptions {
+                memtable_entries_max: options.index_memtable_entries_max,
+                cache_entries_max: options.stream_cache_streams_max,
+            },
             ScanMode::Repair,
         )?;
         let report = OpenReport {
             repairs: recovered.repairs.clone(),
             records: recovered.records,
             events: recovered.next_position,
+            index_rebuilt: recovered.index_rebuilt,
         };
-        let active_no = recovered.segments.len() as u64 - 1;
-        let active = Arc::clone(&recovered.segments[active_no as usize]);
+        let segments = recovered.files.into_segments();
+        let active_no = segments.len() as u64 - 1;
+        let active = Arc::clone(&segments[active_no as usize]);
         let shared = Arc::new(Shared {
             index: RwLock::new(recovered.index),
             files: Files {
-                segments: RwLock::new(recovered.segments),
+                segments: RwLock::new(segments),
             },
             changes: ChangeNotifier::new(),
             options: options.clone(),
             storage,
             dir: dir.clone(),
             snapshot_lock: Mutex::new(()),
+            info_cache: Mutex::new(InfoCache::new(options.stream_cache_streams_max)),
         });
+        let indexer =
+            Indexer::start(Arc::clone(&shared), recovered.index_files).map_err(|source| {
+                OpenError::Io {
+                    action: "starting the indexer thread for",
+                    path: dir.clone(),
+                    source,
+                }
+            })?;
         let writer = Writer {
             shared: Arc::clone(&shared),
-            heads: recovered.heads,
+            heads: std::collections::HashMap::new(),
+            indexer,
+            groups: 0,
             next_position: recovered.next_position,
             last_recorded_at: recovered.last_recorded_at,
             active_no,
@@ -268,34 +320,34 @@ impl LogStore {
         read_index(&self.shared.index)
     }
 
+    fn reader(&self) -> IndexReader<'_> {
+        self.shared.reader()
+    }
+
+    fn stream_info(&self, stream: &StreamId) -> Result<StreamInfo, StorageError> {
+        self.reader().stream_info(stream)
+    }
+
     /// First visible and last revision of a stream, or the read error.
     fn visible_range(&self, stream: &StreamId) -> Result<(Revision, Revision), ReadStreamError> {
-        let index = self.index();
-        let Some(entry) = index.streams.get(stream) else {
-            return Err(ReadStreamError::NotFound {
-                stream: stream.clone(),
-            });
-        };
-        if entry.tombstoned {
+        let info = self.stream_info(stream)?;
+        if info.tombstoned {
             return Err(ReadStreamError::Deleted {
                 stream: stream.clone(),
             });
         }
-        let Some(last) = entry.last_revision() else {
+        let Some(last) = info.last else {
             return Err(ReadStreamError::NotFound {
                 stream: stream.clone(),
             });
         };
-        let first = entry
+        let reader = self.reader();
+        let first = info
             .metadata
             .first_visible_revision(last, Timestamp::now(), |revision| {
                 // Only with max_age: a binary search reading recorded times from disk.
-                match self
-                    .shared
-                    .files
-                    .record_at(entry.offsets[revision.0 as usize])
-                {
-                    Ok(Record::Event(event)) => event.recorded_at,
+                match reader.stream_events(stream, revision.0..revision.0 + 1) {
+                    Ok(events) if !events.is_empty() => events[0].recorded_at,
                     _ => Timestamp::from_unix_micros(i64::MIN),
                 }
             });
@@ -305,17 +357,6 @@ impl LogStore {
             });
         }
         Ok((first, last))
-    }
-
-    /// The log offsets of revisions `range` of `stream` (copied: a page, never the stream).
-    fn stream_offsets(&self, stream: &StreamId, range: std::ops::Range<u64>) -> Vec<LogOffset> {
-        let index = self.index();
-        index
-            .streams
-            .get(stream)
-            .and_then(|entry| entry.offsets.get(range.start as usize..range.end as usize))
-            .map(<[LogOffset]>::to_vec)
-            .unwrap_or_default()
     }
 }
 
@@ -367,8 +408,7 @@ impl EventStore for LogStore {
                 }
             }
         };
-        let wanted = self.stream_offsets(stream, range);
-        let mut events = self.shared.files.events_at(&wanted)?;
+        let mut events = self.reader().stream_events(stream, range)?;
         if backwards {
             events.reverse();
         }
@@ -382,12 +422,19 @@ impl EventStore for LogStore {
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<AllSlice, ReadAllError> {
         self.limits().check_read_count(options.limit)?;
-        let (len, start_offset, end) = {
+        let (len, end) = {
             let index = self.index();
-            let len = index.positions.len() as u64;
-            let from = options.from.map_or(0, |p| p.0);
-            let start = index.positions.get(from as usize).copied();
-            (len, start, index.committed_end)
+            (index.next_position(), index.committed_end)
+        };
+        let start_offset = match options.direction {
+            Direction::Forwards => {
+                let from = options.from.map_or(0, |p| p.0);
+                self.reader()
+                    .position_offsets(from..from.saturating_add(1).min(len))?
+                    .first()
+                    .copied()
+            }
+            Direction::Backwards => None,
         };
         match options.direction {
             Direction::Forwards => {
@@ -425,10 +472,7 @@ impl EventStore for LogStore {
                 let batch = 256u64;
                 while cursor > 0 && events.len() < options.limit {
                     let low = cursor.saturating_sub(batch);
-                    let offsets: Vec<LogOffset> = {
-                        let index = self.index();
-                        index.positions[low as usize..cursor as usize].to_vec()
-                    };
+                    let offsets: Vec<LogOffset> = self.reader().position_offsets(low..cursor)?;
                     let mut page = self.shared.files.events_at(&offsets)?;
                     page.reverse();
                     for event in page {
@@ -454,9 +498,7 @@ impl EventStore for LogStore {
     }
 
     async fn head_position(&self) -> Result<Option<Position>, StorageError> {
-        Ok((self.index().positions.len() as u64)
-            .checked_sub(1)
-            .map(Position))
+        Ok(self.index().next_position().checked_sub(1).map(Position))
     }
 
     async fn subscribe_to_stream(
@@ -466,16 +508,13 @@ impl EventStore for LogStore {
     ) -> Result<Subscription, SubscribeError> {
         let mut changes = self.shared.changes.listen();
         changes.mark_seen();
-        let next = {
-            let index = self.index();
-            let entry = index.streams.get(stream);
-            if entry.is_some_and(|e| e.tombstoned) {
-                return Err(SubscribeError::Deleted {
-                    stream: stream.clone(),
-                });
-            }
-            from.first_revision(entry.and_then(|e| e.last_revision()))
-        };
+        let info = self.stream_info(stream)?;
+        if info.tombstoned {
+            return Err(SubscribeError::Deleted {
+                stream: stream.clone(),
+            });
+        }
+        let next = from.first_revision(info.last);
         Ok(follow_stream(self.clone(), changes, stream.clone(), next))
     }
 
@@ -486,19 +525,18 @@ impl EventStore for LogStore {
     ) -> Result<Subscription, SubscribeError> {
         let mut changes = self.shared.changes.listen();
         changes.mark_seen();
-        let next = from.first_position(Position(self.index().positions.len() as u64));
+        let next = from.first_position(Position(self.index().next_position()));
         Ok(follow_all(self.clone(), changes, next, filter))
     }
 
     async fn stream_metadata(&self, stream: &StreamId) -> Result<StreamMetadata, MetadataError> {
-        let index = self.index();
-        match index.streams.get(stream) {
-            Some(entry) if entry.tombstoned => Err(MetadataError::Deleted {
+        let info = self.stream_info(stream)?;
+        if info.tombstoned {
+            return Err(MetadataError::Deleted {
                 stream: stream.clone(),
-            }),
-            Some(entry) => Ok(entry.metadata.clone()),
-            None => Ok(StreamMetadata::default()),
+            });
         }
+        Ok(info.metadata)
     }
 
     async fn set_stream_metadata(
@@ -550,12 +588,7 @@ impl SnapshotStore for LogStore {
             .snapshot_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if self
-            .index()
-            .streams
-            .get(stream)
-            .is_some_and(|e| e.tombstoned)
-        {
+        if self.stream_info(stream)?.tombstoned {
             return Err(SnapshotError::Deleted {
                 stream: stream.clone(),
             });

@@ -3,7 +3,12 @@
 //! It runs on its own OS thread because it spends its life in `pwrite` and `fdatasync`, which
 //! block; appenders talk to it over a bounded channel and wait on a oneshot reply.
 
-use std::{any::Any, collections::HashMap, sync::Arc};
+use std::{
+    any::Any,
+    collections::HashMap,
+    sync::{Arc, mpsc as std_mpsc},
+    thread::JoinHandle,
+};
 
 use factline_core::{
     AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode, ExpectedVersion,
@@ -14,8 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     format::{Record, encode_record, event_record_len},
-    index::{Head, IndexUpdate, LogOffset},
-    reader::read_index,
+    index::{Head, IndexFiles, IndexUpdate, LogOffset, MemTable, evict_least_used},
     recovery::{SEGMENTS_DIR, create_segment},
     storage::{StorageFile, write_all_at},
     store::Shared,
@@ -94,10 +98,110 @@ impl Reply {
     }
 }
 
+/// A flush for the indexer thread.
+struct FlushJob {
+    mem: Arc<MemTable>,
+    covered_end: LogOffset,
+    last_recorded_at: Option<Timestamp>,
+}
+
+/// The indexer thread: it writes frozen memtables to index tables, checkpoints, and merges
+/// tables, so the writer never waits for index I/O unless a second memtable fills first.
+pub(crate) struct Indexer {
+    jobs: Option<std_mpsc::Sender<FlushJob>>,
+    done: std_mpsc::Receiver<Result<(), String>>,
+    outstanding: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Indexer {
+    /// Starts the indexer thread over `files`.
+    pub(crate) fn start(shared: Arc<Shared>, mut files: IndexFiles) -> std::io::Result<Self> {
+        let (jobs, job_receiver) = std_mpsc::channel::<FlushJob>();
+        let (done_sender, done) = std_mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("factline-log-indexer".into())
+            .spawn(move || {
+                for job in job_receiver {
+                    let flushed = files.flush(&job.mem, job.covered_end, job.last_recorded_at);
+                    let failed = flushed.is_err();
+                    if flushed.is_ok() {
+                        shared.write_index().publish(&files, true);
+                    }
+                    let _ = done_sender.send(flushed.map_err(|e| e.to_string()));
+                    if failed {
+                        return;
+                    }
+                    loop {
+                        match files.merge_step() {
+                            Ok(true) => shared.write_index().publish(&files, false),
+                            Ok(false) => break,
+                            Err(error) => {
+                                // The index stays as it was; the next open removes the
+                                // half-written table.
+                                tracing::error!(%error, "merging index tables failed");
+                                break;
+                            }
+                        }
+                    }
+                    files.remove_retired();
+                }
+                files.remove_retired();
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            outstanding: false,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits for the outstanding flush, if any; `Err` if it failed.
+    fn wait(&mut self) -> Result<(), String> {
+        if !self.outstanding {
+            return Ok(());
+        }
+        self.outstanding = false;
+        self.done
+            .recv()
+            .unwrap_or_else(|_| Err("the indexer thread stopped".into()))
+    }
+
+    /// Checks a finished flush without waiting.
+    fn poll(&mut self) -> Result<(), String> {
+        if !self.outstanding {
+            return Ok(());
+        }
+        match self.done.try_recv() {
+            Ok(result) => {
+                self.outstanding = false;
+                result
+            }
+            Err(std_mpsc::TryRecvError::Empty) => Ok(()),
+            Err(std_mpsc::TryRecvError::Disconnected) => {
+                self.outstanding = false;
+                Err("the indexer thread stopped".into())
+            }
+        }
+    }
+
+    /// Lets the thread finish its work and waits for it.
+    fn stop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the indexer thread panicked");
+        }
+    }
+}
+
 /// The writer's state; it alone appends to the log.
 pub(crate) struct Writer {
     pub(crate) shared: Arc<Shared>,
     pub(crate) heads: HashMap<StreamId, Head>,
+    pub(crate) indexer: Indexer,
+    pub(crate) groups: u64,
     pub(crate) next_position: u64,
     pub(crate) last_recorded_at: Option<Timestamp>,
     pub(crate) active_no: u64,
@@ -158,17 +262,11 @@ fn committed_event(
     stream: &StreamId,
     revision: Revision,
 ) -> Option<RecordedEvent> {
-    let offset = {
-        let index = read_index(&shared.index);
-        *index
-            .streams
-            .get(stream)?
-            .offsets
-            .get(revision.0 as usize)?
-    };
-    match shared.files.record_at(offset) {
-        Ok(Record::Event(event)) => Some(event),
-        Ok(_) => None,
+    match shared
+        .reader()
+        .stream_events(stream, revision.0..revision.0.saturating_add(1))
+    {
+        Ok(events) => events.into_iter().next(),
         Err(error) => {
             tracing::error!(%stream, %revision, %error, "reading back an event failed");
             None
@@ -204,6 +302,7 @@ impl Writer {
                 let _ = reply.send(());
             }
         }
+        self.indexer.stop();
         let Self { lock, .. } = self;
         drop(lock);
         if let Some(reply) = close_reply {
@@ -212,6 +311,12 @@ impl Writer {
     }
 
     fn process(&mut self, group: Vec<Request>) -> Option<oneshot::Sender<()>> {
+        self.groups += 1;
+        if self.failed.is_none()
+            && let Err(reason) = self.indexer.poll()
+        {
+            self.fail(format!("writing the index failed: {reason}"));
+        }
         if self.failed.is_none()
             && self.active_end >= self.shared.options.segment_size_bytes_max
             && let Err(error) = self.roll()
@@ -291,16 +396,21 @@ impl Writer {
             }
             return close;
         }
+        let mut memtable_full = false;
         if !updates.is_empty() {
-            let mut index = self
-                .shared
-                .index
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut index = self.shared.write_index();
             for update in updates {
                 index.apply(update);
             }
             index.committed_end = Some(LogOffset::new(self.active_no, self.active_end));
+            memtable_full = index.mem.entries >= self.shared.options.index_memtable_entries_max;
+        }
+        if memtable_full {
+            self.freeze_memtable();
+        }
+        let heads_max = self.shared.options.stream_cache_streams_max;
+        if self.heads.len() > heads_max {
+            evict_least_used(&mut self.heads, |head| head.used, heads_max / 2);
         }
         for stream in dropped_snapshots {
             if let Err(error) = self.shared.remove_snapshot(&stream) {
@@ -312,6 +422,66 @@ impl Writer {
             reply.send();
         }
         close
+    }
+
+    /// Hands the full memtable to the indexer (after the previous flush finished).
+    fn freeze_memtable(&mut self) {
+        if let Err(reason) = self.indexer.wait() {
+            self.fail(format!("writing the index failed: {reason}"));
+            return;
+        }
+        let (mem, covered_end) = {
+            let mut index = self.shared.write_index();
+            let covered_end = index.committed_end;
+            (index.freeze(), covered_end)
+        };
+        let Some(covered_end) = covered_end else {
+            return;
+        };
+        let job = FlushJob {
+            mem,
+            covered_end,
+            last_recorded_at: self.last_recorded_at,
+        };
+        match &self.indexer.jobs {
+            Some(jobs) if jobs.send(job).is_ok() => self.indexer.outstanding = true,
+            _ => self.fail("the indexer thread stopped".into()),
+        }
+    }
+
+    /// Makes sure the head of `stream` is in memory, loading it from the index on a miss.
+    fn load_head(&mut self, stream: &StreamId) -> Result<(), StorageError> {
+        let groups = self.groups;
+        if let Some(head) = self.heads.get_mut(stream) {
+            head.used = groups;
+            return Ok(());
+        }
+        let reader = self.shared.reader();
+        let info = reader.stream_info(stream)?;
+        let mut head = Head {
+            last: info.last,
+            metadata: info.metadata,
+            tombstoned: info.tombstoned,
+            used: groups,
+            ..Head::default()
+        };
+        if let Some(last) = info.last {
+            let window = self.shared.options.idempotency_window_events as u64;
+            let from = (last.0 + 1).saturating_sub(window);
+            let events = reader.stream_events(stream, from..last.0 + 1)?;
+            if events.first().map(|e| e.revision.0) != Some(from)
+                || events.last().map(|e| e.revision) != Some(last)
+                || events.len() as u64 != last.0 + 1 - from
+            {
+                return Err(StorageError::Backend(
+                    format!("the index of {stream} does not match the log").into(),
+                ));
+            }
+            head.last_recorded_at = events.last().map(|e| e.recorded_at);
+            head.recent_ids = events.iter().map(|e| e.id).collect();
+        }
+        self.heads.insert(stream.clone(), head);
+        Ok(())
     }
 
     fn fail(&mut self, reason: String) {
@@ -417,6 +587,9 @@ impl Writer {
         buffer: &mut Vec<u8>,
         updates: &mut Vec<IndexUpdate>,
     ) -> Result<Vec<AppendResult>, AppendError> {
+        for request in &requests {
+            self.load_head(&request.stream)?;
+        }
         let now = Timestamp::now();
         let first_revisions = match decide_append_multi(&requests, |r| {
             self.view(&r.stream, r.expected, r.events.len(), now)
@@ -481,6 +654,7 @@ impl Writer {
         buffer: &mut Vec<u8>,
         updates: &mut Vec<IndexUpdate>,
     ) -> Result<(), MetadataError> {
+        self.load_head(&stream)?;
         if self.heads.get(&stream).is_some_and(|head| head.tombstoned) {
             return Err(MetadataError::Deleted { stream });
         }
@@ -497,6 +671,7 @@ impl Writer {
         updates: &mut Vec<IndexUpdate>,
     ) {
         self.heads.entry(stream.clone()).or_default().metadata = metadata.clone();
+        let offset = LogOffset::new(self.active_no, self.active_end + buffer.len() as u64);
         encode_record(
             buffer,
             &Record::Metadata {
@@ -505,7 +680,11 @@ impl Writer {
             },
             true,
         );
-        updates.push(IndexUpdate::Metadata { stream, metadata });
+        updates.push(IndexUpdate::Metadata {
+            stream,
+            metadata,
+            offset,
+        });
     }
 
     fn stage_delete(
@@ -516,6 +695,7 @@ impl Writer {
         buffer: &mut Vec<u8>,
         updates: &mut Vec<IndexUpdate>,
     ) -> Result<(), DeleteError> {
+        self.load_head(stream)?;
         let view = self.view(stream, ExpectedVersion::Any, 0, Timestamp::now());
         let last = decide_delete(stream, expected, mode, &view)?;
         match mode {
@@ -530,6 +710,7 @@ impl Writer {
             }
             DeleteMode::Tombstone => {
                 self.heads.entry(stream.clone()).or_default().tombstoned = true;
+                let offset = LogOffset::new(self.active_no, self.active_end + buffer.len() as u64);
                 encode_record(
                     buffer,
                     &Record::Tombstone {
@@ -539,6 +720,7 @@ impl Writer {
                 );
                 updates.push(IndexUpdate::Tombstone {
                     stream: stream.clone(),
+                    offset,
                 });
             }
         }

@@ -40,12 +40,22 @@ fn event(n: usize) -> EventData {
 }
 
 async fn open(storage: &FaultyStorage) -> Result<(LogStore, factline_log::OpenReport), OpenError> {
-    LogStore::open_with(
-        Arc::new(storage.clone()),
-        Path::new(DIR),
-        LogOptions::default(),
-    )
-    .await
+    open_with_options(storage, LogOptions::default()).await
+}
+
+async fn open_with_options(
+    storage: &FaultyStorage,
+    options: LogOptions,
+) -> Result<(LogStore, factline_log::OpenReport), OpenError> {
+    LogStore::open_with(Arc::new(storage.clone()), Path::new(DIR), options).await
+}
+
+/// Options whose memtable is flushed to index tables every few events (and tables merged).
+fn tiny_index_options() -> LogOptions {
+    let mut options = LogOptions::default();
+    options.index_memtable_entries_max = 7;
+    options.stream_cache_streams_max = 2;
+    options
 }
 
 async fn open_ok(storage: &FaultyStorage) -> LogStore {
@@ -157,8 +167,22 @@ async fn a_full_disk_is_a_clear_error_and_loses_nothing() {
 /// open and hold every event acknowledged before it was taken, with no partial transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_images_keep_every_acknowledged_event() {
+    crash_images_with(LogOptions::default()).await;
+}
+
+/// The same while the index is flushed, checkpointed and merged all the time: every image's
+/// index (checkpoint, tables, positions file, replayed tail) must agree with its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_images_with_index_flushes_keep_every_acknowledged_event() {
+    crash_images_with(tiny_index_options()).await;
+}
+
+async fn crash_images_with(options: LogOptions) {
     let storage = FaultyStorage::new();
-    let store = open_ok(&storage).await;
+    let store = open_with_options(&storage, options.clone())
+        .await
+        .unwrap()
+        .0;
     // (stream, first revision, first event id, event count) of every acknowledged append.
     type Acknowledged = Vec<(String, u64, Uuid, usize)>;
     let acknowledged: Arc<Mutex<Acknowledged>> = Arc::default();
@@ -202,9 +226,17 @@ async fn crash_images_keep_every_acknowledged_event() {
         writer.await.unwrap();
     }
     for (image, acked, torn) in images {
-        let (reopened, _) = open(&image)
+        let verified = verify_with(Arc::new(image.clone()), Path::new(DIR))
+            .unwrap_or_else(|e| panic!("image with {torn:?} does not verify: {e}"));
+        let (reopened, _) = open_with_options(&image, options.clone())
             .await
             .unwrap_or_else(|e| panic!("image with {torn:?} did not open: {e}"));
+        let head = reopened
+            .head_position()
+            .await
+            .unwrap()
+            .map_or(0, |p| p.0 + 1);
+        assert_eq!(verified.events, head, "verify and open agree ({torn:?})");
         let all = all_events(&reopened).await;
         for (i, e) in all.iter().enumerate() {
             assert_eq!(e.position.0, i as u64, "gapless after recovery ({torn:?})");
@@ -215,6 +247,16 @@ async fn crash_images_keep_every_acknowledged_event() {
                 .entry(e.stream.to_string())
                 .or_default()
                 .push(e.id);
+        }
+        // The stream index agrees with the positions.
+        for (name, ids) in &by_stream {
+            let read: Vec<Uuid> = stream_events(&reopened, &stream(name))
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect();
+            assert_eq!(&read, ids, "{name} read by stream with {torn:?}");
         }
         for (name, first_revision, first_id, n) in acked {
             let ids = by_stream.get(&name).map(Vec::as_slice).unwrap_or_default();
@@ -355,7 +397,7 @@ async fn corruption_before_the_tail_refuses_to_open_naming_file_and_offset() {
     );
     // Nothing was changed: the file is as it was, and verify reports the same.
     assert_eq!(storage.contents(&segment(0)).unwrap().len(), bytes.len());
-    let verified = verify_with(&storage, Path::new(DIR), 32);
+    let verified = verify_with(Arc::new(storage.clone()), Path::new(DIR));
     assert!(
         matches!(verified, Err(OpenError::Corrupt { offset: 64, .. })),
         "{verified:?}"
@@ -409,7 +451,7 @@ async fn a_torn_segment_header_is_removed() {
     storage
         .corrupt(&segment(1), 0, &[b'F', b'L', 0, 0, 0])
         .unwrap();
-    let verified = verify_with(&storage, Path::new(DIR), 32).unwrap();
+    let verified = verify_with(Arc::new(storage.clone()), Path::new(DIR)).unwrap();
     assert_eq!(
         verified.pending_repairs,
         vec![Repair::RemovedTornSegment { file: segment(1) }]

@@ -23,8 +23,9 @@ fn child_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let child = profile_dir.join("examples").join("crash_writer");
-    if !child.exists() {
-        // `cargo test` builds examples, but not when only this test target was selected.
+    {
+        // Always: `cargo test` builds examples, but not when only this test target was
+        // selected, and a stale child would test old code. A no-op when it is fresh.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let status = Command::new(cargo)
             .args(["build", "-p", "factline-log", "--example", "crash_writer"])
@@ -72,6 +73,8 @@ fn acknowledged_events_survive_kill_9() {
         let mut process = Command::new(&child)
             .arg(dir.path())
             .arg("8")
+            // A small memtable: the kill also lands in index flushes, checkpoints and merges.
+            .arg("500")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
