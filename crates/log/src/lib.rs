@@ -4,7 +4,10 @@
 //! The byte layout, the commit protocol and the crash analysis are in
 //! `docs/design/log-format.md`. In short: one writer thread owns the tail; concurrent appends
 //! share one `fdatasync` (group commit) and are acknowledged only after it; a torn tail is
-//! truncated on open; damage anywhere else refuses to open, naming file and offset.
+//! truncated on open; damage anywhere else is refused, naming file and offset (at open for the
+//! log after the index checkpoint, or for all of it with `LogOptions::verify_on_open`; by reads
+//! and by [`verify`] otherwise). The index is bounded in memory and checkpointed, so open
+//! replays only the log written since the last checkpoint.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

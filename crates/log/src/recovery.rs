@@ -138,6 +138,8 @@ pub(crate) struct ScanOptions {
     pub(crate) memtable_entries_max: usize,
     /// Streams the cache of table facts holds.
     pub(crate) cache_entries_max: usize,
+    /// Check the records the checkpoint covers too (read-only: also against the index).
+    pub(crate) verify_covered: bool,
 }
 
 /// The state rebuilt from the log.
@@ -324,8 +326,8 @@ impl Scan<'_> {
         Ok(())
     }
 
-    /// Read-only: checks the records in `from..to` of a segment, which the checkpoint says the
-    /// index covers, and that the index agrees with them.
+    /// Checks the framing and CRC of the records in `from..to` of a segment, which the
+    /// checkpoint says the index covers, and read-only also that the index agrees with them.
     fn check_covered(
         &mut self,
         path: &Path,
@@ -350,6 +352,11 @@ impl Scan<'_> {
                         offset,
                         format!("event has position {}, expected {position}", event.position),
                     ));
+                }
+                if self.mode == ScanMode::Repair {
+                    *position += 1;
+                    offset += framed.len_bytes as u64;
+                    continue;
                 }
                 let reader = self.reader();
                 let unreadable = |error: StorageError| {
@@ -649,7 +656,7 @@ pub(crate) fn scan(
         let len = *len;
         let mut window = Window::new(&**file, len);
         // Records the checkpoint covers: skipped, or checked when read-only.
-        if number <= start.0 && mode == ScanMode::ReadOnly && !index_rebuilt {
+        if number <= start.0 && options.verify_covered && !index_rebuilt {
             let to = if number < start.0 { len } else { start.1 };
             if covered_position != segment.first_position {
                 return Err(Scan::corrupt(

@@ -56,6 +56,11 @@ pub struct LogOptions {
     /// Streams whose facts (last revision, metadata, idempotency window) are cached, in the
     /// writer and for readers each. Default 65,536.
     pub stream_cache_streams_max: usize,
+    /// Check the framing and CRC of every record at open, also of those the index checkpoint
+    /// covers (which open otherwise does not read: they are checked when read, and by
+    /// `factline verify`). Damage then refuses to open, naming file and offset. Costs a read
+    /// of the whole log (about 0.7 s per million events here). Default false.
+    pub verify_on_open: bool,
 }
 
 impl Default for LogOptions {
@@ -70,6 +75,7 @@ impl Default for LogOptions {
             scan_bytes_max: 64 * 1024 * 1024,
             index_memtable_entries_max: 262_144,
             stream_cache_streams_max: 65_536,
+            verify_on_open: false,
         }
     }
 }
@@ -229,6 +235,7 @@ impl LogStore {
             ScanOptions {
                 memtable_entries_max: options.index_memtable_entries_max,
                 cache_entries_max: options.stream_cache_streams_max,
+                verify_covered: options.verify_on_open,
             },
             ScanMode::Repair,
         )?;

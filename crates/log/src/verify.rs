@@ -54,6 +54,7 @@ pub fn verify_with(storage: Arc<dyn Storage>, dir: &Path) -> Result<VerifyReport
         ScanOptions {
             memtable_entries_max: usize::MAX,
             cache_entries_max: 4096,
+            verify_covered: true,
         },
         ScanMode::ReadOnly,
     )?;

@@ -340,3 +340,47 @@ async fn readers_see_every_event_while_the_index_is_flushed_and_merged() {
     writer.await.unwrap();
     reader.await.unwrap();
 }
+
+/// Damage in records the checkpoint covers: open does not read them (unless asked to), a read
+/// of them fails naming file and offset, verify finds them, and `verify_on_open` refuses.
+#[tokio::test]
+async fn damage_before_the_checkpoint_is_found_by_reads_verify_and_verify_on_open() {
+    let storage = FaultyStorage::new();
+    let (store, _) = open(&storage, options(16)).await.unwrap();
+    fill(&store).await;
+    let victim = stream_events(&store, &stream(2)).await.unwrap()[1].clone();
+    store.close().await;
+    // Find the victim's record in segment 0 by its id and flip a byte of its body.
+    let segment = Path::new(DIR).join("segments").join("0000000000.seg");
+    let bytes = storage.contents(&segment).unwrap();
+    let id = victim.id.as_bytes();
+    let at = bytes.windows(16).position(|w| w == id).unwrap();
+    storage.corrupt(&segment, at, &[!bytes[at]]).unwrap();
+
+    let (reopened, report) = open(&storage, options(16)).await.unwrap();
+    assert!(!report.index_rebuilt);
+    let error = stream_events(&reopened, &stream(2)).await.unwrap_err();
+    assert!(
+        error.to_string().contains("corrupt record in segment 0"),
+        "{error}"
+    );
+    reopened.close().await;
+
+    let error = verify_with(Arc::new(storage.clone()), Path::new(DIR)).unwrap_err();
+    assert!(
+        matches!(&error, OpenError::Corrupt { file, .. } if *file == segment),
+        "{error}"
+    );
+    let mut strict = options(16);
+    strict.verify_on_open = true;
+    match open(&storage, strict).await {
+        Err(OpenError::Corrupt { file, offset, .. }) => {
+            assert_eq!(file, segment);
+            assert!(
+                offset <= at as u64 && at as u64 - offset < 512,
+                "{offset} vs {at}"
+            );
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|(_, r)| r)),
+    }
+}
