@@ -263,7 +263,7 @@ impl LogStore {
         let indexer =
             Indexer::start(Arc::clone(&shared), recovered.index_files).map_err(|source| {
                 OpenError::Io {
-                    action: "starting the indexer thread for",
+                    action: "starting the index threads for",
                     path: dir.clone(),
                     source,
                 }

@@ -6,7 +6,7 @@
 use std::{
     any::Any,
     collections::HashMap,
-    sync::{Arc, mpsc as std_mpsc},
+    sync::{Arc, Mutex, mpsc as std_mpsc},
     thread::JoinHandle,
 };
 
@@ -98,61 +98,85 @@ impl Reply {
     }
 }
 
-/// A flush for the indexer thread.
+/// A flush for the flush thread.
 struct FlushJob {
     mem: Arc<MemTable>,
     covered_end: LogOffset,
     last_recorded_at: Option<Timestamp>,
 }
 
-/// The indexer thread: it writes frozen memtables to index tables, checkpoints, and merges
-/// tables, so the writer never waits for index I/O unless a second memtable fills first.
+/// The indexer: one thread writes frozen memtables to index tables and checkpoints, another
+/// merges tables. The writer never waits for index I/O unless a second memtable fills before
+/// the first is written; a flush never waits for a merge (the merge's I/O runs without the
+/// index files' lock, which it takes only to pick its inputs and to swap in the result).
 pub(crate) struct Indexer {
     jobs: Option<std_mpsc::Sender<FlushJob>>,
     done: std_mpsc::Receiver<Result<(), String>>,
     outstanding: bool,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Indexer {
-    /// Starts the indexer thread over `files`.
-    pub(crate) fn start(shared: Arc<Shared>, mut files: IndexFiles) -> std::io::Result<Self> {
+    /// Starts the indexer threads over `files`.
+    pub(crate) fn start(shared: Arc<Shared>, files: IndexFiles) -> std::io::Result<Self> {
+        let files = Arc::new(Mutex::new(files));
         let (jobs, job_receiver) = std_mpsc::channel::<FlushJob>();
         let (done_sender, done) = std_mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("factline-log-indexer".into())
-            .spawn(move || {
-                for job in job_receiver {
-                    let flushed = files.flush(&job.mem, job.covered_end, job.last_recorded_at);
-                    let failed = flushed.is_err();
-                    if flushed.is_ok() {
-                        shared.write_index().publish(&files, true);
-                    }
-                    let _ = done_sender.send(flushed.map_err(|e| e.to_string()));
-                    if failed {
-                        return;
-                    }
-                    loop {
-                        match files.merge_step() {
-                            Ok(true) => shared.write_index().publish(&files, false),
-                            Ok(false) => break,
-                            Err(error) => {
-                                // The index stays as it was; the next open removes the
-                                // half-written table.
-                                tracing::error!(%error, "merging index tables failed");
-                                break;
+        let (merge_sender, merge_receiver) = std_mpsc::channel::<()>();
+        let flusher = {
+            let (shared, files) = (Arc::clone(&shared), Arc::clone(&files));
+            std::thread::Builder::new()
+                .name("factline-log-flush".into())
+                .spawn(move || {
+                    for job in job_receiver {
+                        let flushed = {
+                            let mut files = lock(&files);
+                            let flushed =
+                                files.flush(&job.mem, job.covered_end, job.last_recorded_at);
+                            if flushed.is_ok() {
+                                shared.write_index().publish(&files, true);
                             }
+                            flushed
+                        };
+                        let failed = flushed.is_err();
+                        let _ = done_sender.send(flushed.map_err(|e| e.to_string()));
+                        if failed {
+                            return;
+                        }
+                        let _ = merge_sender.send(());
+                    }
+                })?
+        };
+        let merger = std::thread::Builder::new()
+            .name("factline-log-merge".into())
+            .spawn(move || {
+                for () in merge_receiver {
+                    loop {
+                        let Some(plan) = lock(&files).plan_merge() else {
+                            break;
+                        };
+                        let finished = plan.write().and_then(|merged| {
+                            let mut files = lock(&files);
+                            files.finish_merge(plan, merged)?;
+                            shared.write_index().publish(&files, false);
+                            Ok(())
+                        });
+                        if let Err(error) = finished {
+                            // The index stays as it was; the next open removes the
+                            // half-written table.
+                            tracing::error!(%error, "merging index tables failed");
+                            break;
                         }
                     }
-                    files.remove_retired();
+                    lock(&files).remove_retired();
                 }
-                files.remove_retired();
+                lock(&files).remove_retired();
             })?;
         Ok(Self {
             jobs: Some(jobs),
             done,
             outstanding: false,
-            thread: Some(thread),
+            threads: vec![flusher, merger],
         })
     }
 
@@ -164,7 +188,7 @@ impl Indexer {
         self.outstanding = false;
         self.done
             .recv()
-            .unwrap_or_else(|_| Err("the indexer thread stopped".into()))
+            .unwrap_or_else(|_| Err("the index flush thread stopped".into()))
     }
 
     /// Checks a finished flush without waiting.
@@ -180,20 +204,27 @@ impl Indexer {
             Err(std_mpsc::TryRecvError::Empty) => Ok(()),
             Err(std_mpsc::TryRecvError::Disconnected) => {
                 self.outstanding = false;
-                Err("the indexer thread stopped".into())
+                Err("the index flush thread stopped".into())
             }
         }
     }
 
-    /// Lets the thread finish its work and waits for it.
+    /// Lets the threads finish their work and waits for them.
     fn stop(&mut self) {
         self.jobs = None;
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("the indexer thread panicked");
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("an indexer thread panicked");
+            }
         }
     }
+}
+
+/// Locks the index files (a panic elsewhere is a bug; the files change in whole steps).
+fn lock(files: &Mutex<IndexFiles>) -> std::sync::MutexGuard<'_, IndexFiles> {
+    files
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The writer's state; it alone appends to the log.
@@ -445,7 +476,7 @@ impl Writer {
         };
         match &self.indexer.jobs {
             Some(jobs) if jobs.send(job).is_ok() => self.indexer.outstanding = true,
-            _ => self.fail("the indexer thread stopped".into()),
+            _ => self.fail("the index flush thread stopped".into()),
         }
     }
 

@@ -115,7 +115,7 @@ impl Checkpoint {
 }
 
 /// The index files of a data directory, owned by whoever writes them (recovery, then the
-/// indexer thread).
+/// indexer's threads, under a lock).
 #[derive(Debug)]
 pub(crate) struct IndexFiles {
     storage: Arc<dyn Storage>,
@@ -342,29 +342,61 @@ impl IndexFiles {
         self.write_checkpoint()
     }
 
-    /// Merges the newest `MERGE_FAN_IN` tables of one level, if there are that many; returns
-    /// whether it merged.
+    /// Merges `MERGE_FAN_IN` tables of one level, if there are that many; returns whether it
+    /// merged. (Recovery's path; the indexer splits it so the merge I/O runs without a lock.)
     pub(crate) fn merge_step(&mut self) -> Result<bool, TableError> {
+        let Some(plan) = self.plan_merge() else {
+            return Ok(false);
+        };
+        let merged = plan.write()?;
+        self.finish_merge(plan, merged)?;
+        Ok(true)
+    }
+
+    /// Picks the oldest run of `MERGE_FAN_IN` tables of one level and reserves an id for the
+    /// merged table. Flushes may append tables while the plan is written: they only append.
+    pub(crate) fn plan_merge(&mut self) -> Option<MergePlan> {
         // Levels never increase towards newer tables, so equal levels are adjacent.
-        let Some(start) = (0..self.tables.len().saturating_sub(MERGE_FAN_IN - 1)).find(|&i| {
+        let start = (0..self.tables.len().saturating_sub(MERGE_FAN_IN - 1)).find(|&i| {
             let level = self.tables[i].level;
             self.tables[i..i + MERGE_FAN_IN]
                 .iter()
                 .all(|t| t.level == level)
-        }) else {
-            return Ok(false);
-        };
-        let inputs = &self.tables[start..start + MERGE_FAN_IN];
-        let level = inputs[0].level.saturating_add(1);
+        })?;
+        let inputs = self.tables[start..start + MERGE_FAN_IN].to_vec();
         let id = self.next_table_id;
         self.next_table_id += 1;
-        let merged = IndexTable::write(
-            &*self.storage,
-            &self.dir,
+        Some(MergePlan {
+            storage: Arc::clone(&self.storage),
+            dir: self.dir.clone(),
             id,
-            level,
-            merge(inputs.iter().map(IndexTable::iter).collect()),
-        )?;
+            level: inputs[0].level.saturating_add(1),
+            inputs,
+        })
+    }
+
+    /// Replaces the plan's inputs with the merged table and checkpoints.
+    pub(crate) fn finish_merge(
+        &mut self,
+        plan: MergePlan,
+        merged: IndexTable,
+    ) -> Result<(), TableError> {
+        let start = self
+            .tables
+            .iter()
+            .position(|t| Arc::ptr_eq(t, &plan.inputs[0]))
+            .filter(|&start| {
+                self.tables.len() >= start + MERGE_FAN_IN
+                    && self.tables[start..start + MERGE_FAN_IN]
+                        .iter()
+                        .zip(&plan.inputs)
+                        .all(|(a, b)| Arc::ptr_eq(a, b))
+            });
+        let Some(start) = start else {
+            // Only the merger removes tables, so this is a bug; keep the index as it is.
+            debug_assert!(false, "merge inputs changed under the merger");
+            return Ok(());
+        };
         let replaced: Vec<Arc<IndexTable>> = self
             .tables
             .splice(start..start + MERGE_FAN_IN, [Arc::new(merged)])
@@ -372,7 +404,7 @@ impl IndexFiles {
         self.write_checkpoint()?;
         self.retired.extend(replaced);
         self.remove_retired();
-        Ok(true)
+        Ok(())
     }
 
     /// Removes retired tables no reader holds any more.
@@ -416,6 +448,29 @@ impl IndexFiles {
             .sync_dir(&self.dir)
             .map_err(io_error("syncing", &self.dir))?;
         Ok(())
+    }
+}
+
+/// A merge chosen by [`IndexFiles::plan_merge`], written without holding the index files.
+#[derive(Debug)]
+pub(crate) struct MergePlan {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    id: u64,
+    level: u8,
+    inputs: Vec<Arc<IndexTable>>,
+}
+
+impl MergePlan {
+    /// Writes the merged table.
+    pub(crate) fn write(&self) -> Result<IndexTable, TableError> {
+        IndexTable::write(
+            &*self.storage,
+            &self.dir,
+            self.id,
+            self.level,
+            merge(self.inputs.iter().map(IndexTable::iter).collect()),
+        )
     }
 }
 
