@@ -1,6 +1,8 @@
-//! `factline`: the command-line tool. Commands arrive with their issues (serve, append, read,
-//! tail, export, import, verify, migrate, bench); this skeleton carries the ones that need no
-//! storage yet. Exit codes: 0 success, 1 failure, 2 usage error (clap).
+//! `factline`: the command-line tool and server binary.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error (clap).
+
+mod serve;
 
 use std::process::ExitCode;
 
@@ -17,6 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the HTTP/JSON API server (SSE subscriptions, metrics) on an embedded data directory.
+    Serve(serve::ServeArgs),
     /// Print the limits every store enforces by default.
     Limits {
         /// Print JSON instead of a table.
@@ -71,6 +75,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("valid; category {:?}", id.category());
         }
         Command::Verify { data, json } => verify(&data, json)?,
+        Command::Serve(args) => serve::run(args)?,
     }
     Ok(())
 }

@@ -354,6 +354,7 @@ impl Writer {
         {
             self.fail(format!("rolling to a new segment failed: {error}"));
         }
+        let positions_before = self.next_position;
         let mut buffer = Vec::new();
         let mut updates = Vec::new();
         let mut dropped_snapshots = Vec::new();
@@ -400,10 +401,22 @@ impl Writer {
             }
         }
         if self.failed.is_none() && !buffer.is_empty() {
-            let written = write_all_at(&*self.active, &buffer, self.active_end)
-                .and_then(|()| self.active.sync_data());
+            let written = write_all_at(&*self.active, &buffer, self.active_end).and_then(|()| {
+                let sync_started = std::time::Instant::now();
+                let synced = self.active.sync_data();
+                metrics::histogram!("factline_log_fsync_duration_seconds")
+                    .record(sync_started.elapsed().as_secs_f64());
+                synced
+            });
             match written {
-                Ok(()) => self.active_end += buffer.len() as u64,
+                Ok(()) => {
+                    self.active_end += buffer.len() as u64;
+                    metrics::counter!("factline_log_commit_groups_total").increment(1);
+                    metrics::counter!("factline_log_bytes_written_total")
+                        .increment(buffer.len() as u64);
+                    metrics::counter!("factline_log_events_written_total")
+                        .increment(self.next_position - positions_before);
+                }
                 Err(error) => {
                     let reason = if error.raw_os_error() == Some(28) {
                         format!(
@@ -517,6 +530,7 @@ impl Writer {
 
     fn fail(&mut self, reason: String) {
         tracing::error!(%reason, "the log failed; refusing all writes until reopened");
+        metrics::gauge!("factline_log_failed").set(1.0);
         self.failed = Some(reason);
     }
 

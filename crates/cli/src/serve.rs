@@ -1,0 +1,140 @@
+//! `factline serve`: the HTTP API on the embedded log (or, later, PostgreSQL).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::{Context as _, bail};
+use factline_log::{DiskStorage, LogOptions, LogStore};
+use factline_server::{AuthConfig, Server, ServerOptions};
+
+/// Options of `factline serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// The data directory of the embedded store (created if missing).
+    #[arg(long, default_value = "./factline-data", env = "FACTLINE_DATA")]
+    data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7610", env = "FACTLINE_LISTEN")]
+    listen: SocketAddr,
+    /// Use another store instead of the data directory, e.g. postgres://user@host/db.
+    #[arg(long, env = "FACTLINE_STORE")]
+    store: Option<String>,
+    /// Bearer-token configuration (TOML; see docs/design/http-api.md). Without it every caller
+    /// may do everything, which is allowed only on a loopback address.
+    #[arg(long, env = "FACTLINE_AUTH")]
+    auth: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without --auth.
+    #[arg(long)]
+    insecure: bool,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    body_bytes_max: usize,
+    /// Most concurrent SSE subscriptions.
+    #[arg(long, default_value_t = 1024)]
+    subscribers_max: usize,
+    /// Seconds between SSE keep-alive comments.
+    #[arg(long, default_value_t = 15)]
+    keep_alive_s: u64,
+    /// Check every record's CRC at open, also those the index checkpoint covers.
+    #[arg(long)]
+    verify_on_open: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("factline-serve")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FACTLINE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(store) = &args.store {
+        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+            bail!(
+                "--store {store}: the PostgreSQL backend is not part of this build yet; \
+                 run without --store to use the embedded data directory"
+            );
+        }
+        bail!("--store {store}: unknown store (give postgres://… or leave it out)");
+    }
+    let mut options = ServerOptions::default()
+        .listen(args.listen)
+        .insecure(args.insecure)
+        .body_bytes_max(args.body_bytes_max)
+        .subscribers_max(args.subscribers_max)
+        .sse_keep_alive_ms(args.keep_alive_s.saturating_mul(1000));
+    if let Some(path) = &args.auth {
+        options = options.auth(AuthConfig::load(path)?);
+    }
+    let mut log_options = LogOptions::default();
+    log_options.verify_on_open = args.verify_on_open;
+    let (store, report) = LogStore::open_with(Arc::new(DiskStorage), &args.data, log_options)
+        .await
+        .with_context(|| format!("opening the data directory {}", args.data.display()))?;
+    for repair in &report.repairs {
+        tracing::warn!(
+            ?repair,
+            "repaired while opening (nothing acknowledged was lost)"
+        );
+    }
+    let server = Server::bind(Arc::new(store.clone()), options).await?;
+    tracing::info!(
+        address = %server.local_addr(),
+        data = %args.data.display(),
+        events = report.events,
+        auth = args.auth.is_some(),
+        "factline is serving: the API at http://{} (OpenAPI document at /openapi.json)",
+        server.local_addr()
+    );
+    server.run(shutdown_signal()).await?;
+    store.close().await;
+    tracing::info!("stopped; the data directory is closed");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
