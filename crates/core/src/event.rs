@@ -1,12 +1,136 @@
 //! What clients append ([`EventData`]) and what stores return ([`RecordedEvent`]).
 
-use std::collections::BTreeMap;
+use std::{borrow::Borrow, collections::BTreeMap, fmt, ops::Deref, sync::Arc};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
 use crate::{Position, Revision, StreamId, Timestamp};
+
+/// The name of an event's type: what happened, in the past tense (`OrderPlaced`).
+///
+/// Cloning is cheap (a shared `Arc<str>`), so the events of one read can share one copy of each
+/// name instead of allocating it per event. It is not validated here: stores check it at append
+/// against [`Limits::event_type_bytes_max`](crate::Limits) and the naming rules.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventType(Arc<str>);
+
+impl EventType {
+    /// Wraps `name`.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self(name.into())
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for EventType {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for EventType {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for EventType {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for EventType {
+    fn from(name: &str) -> Self {
+        Self(name.into())
+    }
+}
+
+impl From<String> for EventType {
+    fn from(name: String) -> Self {
+        Self(name.into())
+    }
+}
+
+impl From<&String> for EventType {
+    fn from(name: &String) -> Self {
+        Self(name.as_str().into())
+    }
+}
+
+impl From<EventType> for String {
+    fn from(name: EventType) -> Self {
+        name.0.as_ref().to_owned()
+    }
+}
+
+impl PartialEq<str> for EventType {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for EventType {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for EventType {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<EventType> for str {
+    fn eq(&self, other: &EventType) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<EventType> for &str {
+    fn eq(&self, other: &EventType) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<EventType> for String {
+    fn eq(&self, other: &EventType) -> bool {
+        **self == *other.0
+    }
+}
+
+impl Serialize for EventType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self::from)
+    }
+}
 
 /// String metadata of an event, with accessors for the well-known keys.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -118,7 +242,7 @@ pub struct EventData {
     /// Unique id; the key of idempotent retries. A UUIDv7 unless the client sets one.
     pub id: Uuid,
     /// Past-tense name of what happened, e.g. `OrderPlaced`.
-    pub event_type: String,
+    pub event_type: EventType,
     /// How `data` is encoded.
     pub content_type: ContentType,
     /// The payload.
@@ -130,7 +254,7 @@ pub struct EventData {
 impl EventData {
     /// An event with a JSON payload serialized from `data` and a fresh UUIDv7 id.
     pub fn json<T: Serialize + ?Sized>(
-        event_type: impl Into<String>,
+        event_type: impl Into<EventType>,
         data: &T,
     ) -> Result<Self, serde_json::Error> {
         Ok(Self {
@@ -143,7 +267,7 @@ impl EventData {
     }
 
     /// An event with an opaque binary payload and a fresh UUIDv7 id.
-    pub fn binary(event_type: impl Into<String>, data: impl Into<Bytes>) -> Self {
+    pub fn binary(event_type: impl Into<EventType>, data: impl Into<Bytes>) -> Self {
         Self {
             id: Uuid::now_v7(),
             event_type: event_type.into(),
@@ -194,7 +318,7 @@ pub struct RecordedEvent {
     /// The id given at append.
     pub id: Uuid,
     /// The event type given at append.
-    pub event_type: String,
+    pub event_type: EventType,
     /// How `data` is encoded.
     pub content_type: ContentType,
     /// The payload, byte for byte as appended.

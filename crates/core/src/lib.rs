@@ -39,7 +39,7 @@ pub use error::{
     AppendError, DeleteError, MetadataError, ReadAllError, ReadStreamError, SnapshotError,
     StorageError, SubscribeError, SubscriptionError,
 };
-pub use event::{ContentType, EventData, Metadata, RecordedEvent};
+pub use event::{ContentType, EventData, EventType, Metadata, RecordedEvent};
 pub use ids::{EVENT_TYPE_BYTES_MAX, STREAM_ID_BYTES_MAX, StreamId, StreamIdError, category_of};
 pub use limits::{EventsRejected, InvalidEvent, Limit, LimitExceeded, Limits};
 pub use memory::InMemoryStore;

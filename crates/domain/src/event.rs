@@ -45,7 +45,7 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
     fn from_recorded(event: &RecordedEvent) -> Result<Self, DecodeError> {
         if event.content_type != ContentType::Json {
             return Err(DecodeError::NotJson {
-                event_type: event.event_type.clone(),
+                event_type: event.event_type.to_string(),
                 content_type: event.content_type.as_mime(),
             });
         }
@@ -54,13 +54,13 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
             Some(text) => text
                 .parse::<u32>()
                 .map_err(|_| DecodeError::InvalidSchemaVersion {
-                    event_type: event.event_type.clone(),
+                    event_type: event.event_type.to_string(),
                     value: text.to_owned(),
                 })?,
         };
         let data: Value =
             serde_json::from_slice(&event.data).map_err(|error| DecodeError::MalformedData {
-                event_type: event.event_type.clone(),
+                event_type: event.event_type.to_string(),
                 message: error.to_string(),
             })?;
         Self::decode(&event.event_type, schema_version, data)

@@ -3,12 +3,12 @@
 //! Pure functions only: encoding appends to a `Vec<u8>`, decoding reads a byte slice and never
 //! panics on any input (the fuzz target and the property tests feed it arbitrary bytes).
 
-use std::time::Duration;
+use std::{ops::Range, time::Duration};
 
 use bytes::Bytes;
 use factline_core::{
-    ContentType, Metadata, Position, RecordedEvent, Revision, StreamId, StreamMetadata, Timestamp,
-    Uuid,
+    ContentType, EventType, Metadata, Position, RecordedEvent, Revision, StreamId, StreamMetadata,
+    Timestamp, Uuid,
 };
 
 /// The format version this build writes and the newest it reads.
@@ -232,33 +232,86 @@ pub fn event_record_len(event: &RecordedEvent) -> usize {
 
 /// Decodes the record at the start of `bytes`, copying the event data.
 pub fn decode_record(bytes: &[u8]) -> Result<Framed, DecodeError> {
-    decode_with(bytes, Bytes::copy_from_slice, &mut None)
+    decode_with(bytes, Bytes::copy_from_slice, &mut Recent::default())
 }
 
 /// Decodes the record at the start of `source`, sharing the event data with `source` instead
 /// of copying it.
 pub fn decode_record_shared(source: &Bytes) -> Result<Framed, DecodeError> {
-    decode_with(source, |data| source.slice_ref(data), &mut None)
+    decode_with(
+        source,
+        |data| source.slice_ref(data),
+        &mut Recent::default(),
+    )
 }
 
-/// Decodes records one after another, reusing the stream id of the previous record when the
-/// next one names the same stream (runs of one stream are common in a log).
+/// Decodes records one after another, reusing the stream id and event type of recent records
+/// when the next one names the same (runs of one stream and a few types are common in a log), so
+/// that decoding a batch does not allocate a name per event.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    last_stream: Option<StreamId>,
+    recent: Recent,
+}
+
+/// Event types kept by a [`Decoder`] for reuse.
+const RECENT_EVENT_TYPES: usize = 8;
+
+/// The names a [`Decoder`] reuses: the last stream id and the last few event types.
+#[derive(Debug, Default)]
+struct Recent {
+    stream: Option<StreamId>,
+    event_types: [Option<EventType>; RECENT_EVENT_TYPES],
+    /// Where the next new event type goes (round robin).
+    next_event_type: usize,
+}
+
+impl Recent {
+    fn event_type(&mut self, name: &str) -> EventType {
+        for event_type in self.event_types.iter().flatten() {
+            if event_type.as_str() == name {
+                return event_type.clone();
+            }
+        }
+        let event_type = EventType::from(name);
+        self.event_types[self.next_event_type] = Some(event_type.clone());
+        self.next_event_type = (self.next_event_type + 1) % RECENT_EVENT_TYPES;
+        event_type
+    }
 }
 
 impl Decoder {
     /// Decodes the record at the start of `bytes`, copying the event data.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Framed, DecodeError> {
-        decode_with(bytes, Bytes::copy_from_slice, &mut self.last_stream)
+        decode_with(bytes, Bytes::copy_from_slice, &mut self.recent)
+    }
+
+    /// Decodes the record at the start of `bytes` without copying the event data: an event
+    /// comes back with empty `data`, and the range of its payload within `bytes` comes with it
+    /// (empty for other records), so that a batch reader can gather the payloads it keeps into
+    /// one buffer instead of allocating once per event.
+    pub fn decode_deferring_data(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<(Framed, Range<usize>), DecodeError> {
+        let mut range = 0..0;
+        let base = bytes.as_ptr() as usize;
+        let framed = decode_with(
+            bytes,
+            |data| {
+                let start = data.as_ptr() as usize - base;
+                range = start..start + data.len();
+                Bytes::new()
+            },
+            &mut self.recent,
+        )?;
+        Ok((framed, range))
     }
 }
 
 fn decode_with(
     bytes: &[u8],
     data_of: impl FnOnce(&[u8]) -> Bytes,
-    last_stream: &mut Option<StreamId>,
+    recent: &mut Recent,
 ) -> Result<Framed, DecodeError> {
     if bytes.len() < FRAME_LEN {
         return Err(DecodeError::Truncated {
@@ -300,8 +353,8 @@ fn decode_with(
                 2 => ContentType::Binary,
                 _ => return Err(DecodeError::Malformed("content type")),
             };
-            let stream = reader.stream(last_stream)?;
-            let event_type = reader.str16()?.to_owned();
+            let stream = reader.stream(&mut recent.stream)?;
+            let event_type = recent.event_type(reader.str16()?);
             let metadata_len = reader.u16()?;
             let mut metadata = Metadata::new();
             let mut previous_key: Option<&str> = None;
@@ -334,7 +387,7 @@ fn decode_with(
             })
         }
         KIND_METADATA => {
-            let stream = reader.stream(last_stream)?;
+            let stream = reader.stream(&mut recent.stream)?;
             let presence = reader.u8()?;
             if presence & !0b111 != 0 {
                 return Err(DecodeError::Malformed("metadata presence bits"));
@@ -361,7 +414,7 @@ fn decode_with(
             }
         }
         KIND_TOMBSTONE => Record::Tombstone {
-            stream: reader.stream(last_stream)?,
+            stream: reader.stream(&mut recent.stream)?,
         },
         _ => return Err(DecodeError::Malformed("unknown record kind")),
     };
@@ -579,7 +632,7 @@ mod tests {
                 position: Position(position),
                 recorded_at: Timestamp::from_unix_micros(micros),
                 id: Uuid::now_v7(),
-                event_type,
+                event_type: event_type.into(),
                 content_type: if binary { ContentType::Binary } else { ContentType::Json },
                 data: Bytes::from(data),
                 metadata: meta.into_iter().collect(),

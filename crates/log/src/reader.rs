@@ -5,6 +5,8 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use bytes::BytesMut;
+
 use factline_core::{EventFilter, RecordedEvent, StorageError};
 
 use crate::{
@@ -89,21 +91,28 @@ impl Files {
                 let file = self.file(first.segment())?;
                 let last = run[run.len() - 1];
                 let span = (last.offset() - first.offset()) as usize + RECORD_GUESS_BYTES;
+                let mut payloads = Payloads::with_capacity(span);
                 with_read_buffer(|buffer| -> Result<(), StorageError> {
                     buffer.resize(span, 0);
                     let n = read_some(&*file, &mut buffer[..span], first.offset())?;
                     let bytes = &buffer[..n];
                     for at in run {
                         let start = (at.offset() - first.offset()) as usize;
-                        let record = match decoder.decode(&bytes[start..]) {
-                            Ok(framed) => framed.record,
-                            Err(DecodeError::Truncated { .. }) => self.record_at(*at)?,
+                        let source = &bytes[start..];
+                        match decoder.decode_deferring_data(source) {
+                            Ok((framed, data)) => {
+                                payloads.keep(out.len(), &source[data]);
+                                out.push(expect_event(framed.record, *at)?);
+                            }
+                            Err(DecodeError::Truncated { .. }) => {
+                                out.push(expect_event(self.record_at(*at)?, *at)?);
+                            }
                             Err(error) => return Err(corrupt(*at, &error.to_string())),
-                        };
-                        out.push(expect_event(record, *at)?);
+                        }
                     }
                     Ok(())
                 })?;
+                payloads.attach(&mut out);
             }
             i = j;
         }
@@ -126,6 +135,7 @@ impl Files {
         let mut scanned = 0u64;
         let mut last_examined = None;
         let mut decoder = Decoder::default();
+        let mut payloads = Payloads::with_capacity(0);
         with_read_buffer(|buffer| -> Result<(), StorageError> {
             loop {
                 if at >= end || events.len() >= limit || scanned >= scan_bytes_max {
@@ -147,11 +157,13 @@ impl Files {
                     .map_err(StorageError::backend)?;
                 let mut cursor = 0usize;
                 while cursor < want && events.len() < limit {
-                    match decoder.decode(&buffer[cursor..want]) {
-                        Ok(framed) => {
+                    let source = &buffer[cursor..want];
+                    match decoder.decode_deferring_data(source) {
+                        Ok((framed, data)) => {
                             if let Record::Event(event) = framed.record {
                                 last_examined = Some(event.position);
                                 if filter.matches_event(&event) {
+                                    payloads.keep(events.len(), &source[data]);
                                     events.push(event);
                                 }
                             }
@@ -177,11 +189,48 @@ impl Files {
                 at = LogOffset::new(at.segment(), at.offset() + cursor as u64);
             }
         })?;
+        payloads.attach(&mut events);
         Ok(ScanResult {
             reached_end: at >= end,
             events,
             last_examined,
         })
+    }
+}
+
+/// The payloads of a batch of decoded events, gathered into one buffer: the batch then costs one
+/// allocation for its payloads instead of one per event. The buffer lives as long as any event of
+/// the batch holds its slice of it (a batch is at most `read_count_max` events).
+struct Payloads {
+    arena: BytesMut,
+    /// (index of the event in the batch, its payload's range in `arena`).
+    slices: Vec<(usize, std::ops::Range<usize>)>,
+}
+
+impl Payloads {
+    fn with_capacity(bytes: usize) -> Self {
+        Self {
+            arena: BytesMut::with_capacity(bytes),
+            slices: Vec::new(),
+        }
+    }
+
+    /// Copies `data`, the payload of the event that will sit at `index` of the batch.
+    fn keep(&mut self, index: usize, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let start = self.arena.len();
+        self.arena.extend_from_slice(data);
+        self.slices.push((index, start..self.arena.len()));
+    }
+
+    /// Gives each kept event its payload.
+    fn attach(self, events: &mut [RecordedEvent]) {
+        let arena = self.arena.freeze();
+        for (index, range) in self.slices {
+            events[index].data = arena.slice(range);
+        }
     }
 }
 

@@ -40,7 +40,7 @@ impl NewEvent {
         let mut event = match (self.data, self.data_base64) {
             (Some(data), None) => EventData {
                 id: Uuid::nil(),
-                event_type: self.event_type,
+                event_type: self.event_type.into(),
                 content_type: ContentType::Json,
                 data: bytes::Bytes::from(String::from(Box::<str>::from(data))),
                 metadata: Metadata::new(),
@@ -219,7 +219,7 @@ impl From<&RecordedEvent> for EventJson {
         Self {
             id: event.id,
             stream: event.stream.as_str().to_owned(),
-            event_type: event.event_type.clone(),
+            event_type: event.event_type.to_string(),
             revision: event.revision.value(),
             position: event.position.value(),
             recorded_at: event.recorded_at.to_rfc3339(),

@@ -6,8 +6,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use async_trait::async_trait;
 use bytes::Bytes;
 use factline_core::{
-    AppendError, ContentType, EventData, EventFilter, EventStore, ExpectedVersion, Metadata,
-    ReadAllOptions, ReadStreamError, ReadStreamOptions, Revision, StreamId, StreamState,
+    AppendError, ContentType, EventData, EventFilter, EventStore, EventType, ExpectedVersion,
+    Metadata, ReadAllOptions, ReadStreamError, ReadStreamOptions, Revision, StreamId, StreamState,
     SubscribeFrom, Subscription, Uuid,
 };
 
@@ -24,6 +24,7 @@ pub(crate) struct StoreSystem {
     kind: SystemKind,
     store: Arc<dyn EventStore>,
     payload: Bytes,
+    event_type: EventType,
     description: String,
 }
 
@@ -33,6 +34,7 @@ impl StoreSystem {
             kind,
             store,
             payload: json_payload(),
+            event_type: EventType::from(EVENT_TYPE),
             description,
         }
     }
@@ -41,7 +43,7 @@ impl StoreSystem {
         (0..count)
             .map(|_| EventData {
                 id: Uuid::now_v7(),
-                event_type: EVENT_TYPE.to_owned(),
+                event_type: self.event_type.clone(),
                 content_type: ContentType::Json,
                 data: self.payload.clone(),
                 metadata: Metadata::new(),

@@ -784,7 +784,7 @@ async fn filtered<S: TestStore>(
             slice
                 .events
                 .into_iter()
-                .map(|e| (e.stream.to_string(), e.event_type)),
+                .map(|e| (e.stream.to_string(), e.event_type.into())),
         );
         if slice.is_end {
             return out;
