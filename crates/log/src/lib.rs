@@ -35,5 +35,5 @@ mod writer;
 
 pub use recovery::{OpenError, Repair};
 pub use storage::{DiskStorage, Storage, StorageFile};
-pub use store::{LogOptions, LogStore, OpenReport};
+pub use store::{LogOptions, LogStats, LogStore, OpenReport};
 pub use verify::{VerifyReport, verify, verify_with};

@@ -2,7 +2,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use async_trait::async_trait;
@@ -122,6 +125,10 @@ pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
     pub(crate) snapshot_lock: Mutex<()>,
     pub(crate) info_cache: Mutex<InfoCache>,
+    /// Commit groups written since open (each one `fdatasync`).
+    pub(crate) commit_groups: AtomicU64,
+    /// Events committed since open.
+    pub(crate) events_committed: AtomicU64,
 }
 
 impl Shared {
@@ -159,6 +166,16 @@ impl Shared {
 pub struct LogStore {
     shared: Arc<Shared>,
     requests: mpsc::Sender<Request>,
+}
+
+/// Counters of a [`LogStore`]'s writer since open ([`LogStore::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct LogStats {
+    /// Groups committed, each with one `fdatasync`.
+    pub commit_groups: u64,
+    /// Events committed.
+    pub events_committed: u64,
 }
 
 /// Facts about an opened log.
@@ -259,6 +276,8 @@ impl LogStore {
             dir: dir.clone(),
             snapshot_lock: Mutex::new(()),
             info_cache: Mutex::new(InfoCache::new(options.stream_cache_streams_max)),
+            commit_groups: AtomicU64::new(0),
+            events_committed: AtomicU64::new(0),
         });
         let indexer =
             Indexer::start(Arc::clone(&shared), recovered.index_files).map_err(|source| {
@@ -306,6 +325,14 @@ impl LogStore {
     /// The directory of this log.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
+    }
+
+    /// Counters of the writer since open.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            commit_groups: self.shared.commit_groups.load(Ordering::Relaxed),
+            events_committed: self.shared.events_committed.load(Ordering::Relaxed),
+        }
     }
 
     async fn call<T, E>(

@@ -6,8 +6,9 @@
 use std::{
     any::Any,
     collections::HashMap,
-    sync::{Arc, Mutex, mpsc as std_mpsc},
+    sync::{Arc, Mutex, atomic::Ordering, mpsc as std_mpsc},
     thread::JoinHandle,
+    time::Instant,
 };
 
 use factline_core::{
@@ -341,6 +342,7 @@ impl Writer {
         }
     }
 
+    /// Stages, writes, syncs and answers one group.
     fn process(&mut self, group: Vec<Request>) -> Option<oneshot::Sender<()>> {
         self.groups += 1;
         if self.failed.is_none()
@@ -402,7 +404,7 @@ impl Writer {
         }
         if self.failed.is_none() && !buffer.is_empty() {
             let written = write_all_at(&*self.active, &buffer, self.active_end).and_then(|()| {
-                let sync_started = std::time::Instant::now();
+                let sync_started = Instant::now();
                 let synced = self.active.sync_data();
                 metrics::histogram!("factline_log_fsync_duration_seconds")
                     .record(sync_started.elapsed().as_secs_f64());
@@ -411,11 +413,15 @@ impl Writer {
             match written {
                 Ok(()) => {
                     self.active_end += buffer.len() as u64;
+                    let events = self.next_position - positions_before;
+                    self.shared.commit_groups.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .events_committed
+                        .fetch_add(events, Ordering::Relaxed);
                     metrics::counter!("factline_log_commit_groups_total").increment(1);
                     metrics::counter!("factline_log_bytes_written_total")
                         .increment(buffer.len() as u64);
-                    metrics::counter!("factline_log_events_written_total")
-                        .increment(self.next_position - positions_before);
+                    metrics::counter!("factline_log_events_written_total").increment(events);
                 }
                 Err(error) => {
                     let reason = if error.raw_os_error() == Some(28) {
