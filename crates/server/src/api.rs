@@ -32,8 +32,9 @@ use crate::{
     auth::Caller,
     error::{ApiError, ErrorBody, ErrorCode},
     json::{
-        AllPage, AppendResponse, EventJson, Health, MetadataJson, MultiAppend, MultiAppendResponse,
-        NewEvent, StreamAppendResult, StreamPage, parse_events, parse_json,
+        AllPage, AppendResponse, EventJson, Health, Info, MetadataJson, MultiAppend,
+        MultiAppendResponse, NewEvent, SnapshotJson, SnapshotSaved, StreamAppendResult, StreamPage,
+        parse_events, parse_json,
     },
     metrics, sse,
 };
@@ -59,6 +60,7 @@ const LAST_EVENT_ID: &str = "last-event-id";
         (name = "streams", description = "Append to and read streams"),
         (name = "all", description = "The global log ($all)"),
         (name = "subscriptions", description = "Live subscriptions over Server-Sent Events"),
+        (name = "snapshots", description = "One snapshot per stream, kept apart from the events"),
         (name = "operations", description = "Health, metrics and this document"),
     )
 )]
@@ -85,6 +87,8 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscribe_stream))
         .routes(routes!(subscribe_all))
         .routes(routes!(get_metadata, put_metadata))
+        .routes(routes!(get_snapshot, put_snapshot, delete_snapshot))
+        .routes(routes!(info))
         .routes(routes!(health))
         .routes(routes!(metrics_text))
         .routes(routes!(openapi_json))
@@ -410,6 +414,7 @@ async fn append_multi(
                     stream,
                     next_expected_version: result.next_expected_version.value(),
                     position: result.position.value(),
+                    recorded_at: result.recorded_at.to_rfc3339(),
                 })
                 .collect(),
         }),
@@ -588,6 +593,102 @@ async fn put_metadata(
         .set_stream_metadata(&stream, metadata.clone())
         .await?;
     Ok(Json(metadata.into()))
+}
+
+// ---- snapshots ----------------------------------------------------------------------------
+
+/// The stream's snapshot: the state of its aggregate as of a revision, kept apart from the
+/// events.
+#[utoipa::path(
+    get,
+    path = "/streams/{stream}/snapshot",
+    tag = "snapshots",
+    params(("stream" = String, Path, description = "Stream id")),
+    responses(
+        (status = 200, description = "The snapshot", body = SnapshotJson),
+        (status = 400, description = "Invalid stream id", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token may not read this stream", body = ErrorBody),
+        (status = 404, description = "The stream has no snapshot", body = ErrorBody),
+        (status = 410, description = "The stream is tombstoned", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn get_snapshot(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<SnapshotJson>, ApiError> {
+    let stream = stream_id(path)?;
+    caller.require_read(stream.as_str())?;
+    match state.store.load_snapshot(&stream).await? {
+        Some(snapshot) => Ok(Json(SnapshotJson::from(&snapshot))),
+        None => Err(ApiError::new(
+            ErrorCode::SnapshotNotFound,
+            format!("stream {stream} has no snapshot"),
+        )
+        .with("stream", stream.as_str())),
+    }
+}
+
+/// Stores the stream's snapshot unless one of a higher revision is stored already.
+#[utoipa::path(
+    put,
+    path = "/streams/{stream}/snapshot",
+    tag = "snapshots",
+    params(("stream" = String, Path, description = "Stream id")),
+    request_body(content = SnapshotJson, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Whether it was stored", body = SnapshotSaved),
+        (status = 400, description = "Invalid stream id or JSON", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token may not write this stream", body = ErrorBody),
+        (status = 410, description = "The stream is tombstoned", body = ErrorBody),
+        (status = 413, description = "Body or state over a limit", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 503, description = "The store refuses writes", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn put_snapshot(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SnapshotSaved>, ApiError> {
+    let stream = stream_id(path)?;
+    caller.require_write(stream.as_str())?;
+    let body = json_body(&headers, body, state.options.body_bytes_max)?;
+    let snapshot = parse_json::<SnapshotJson>(&body)?.into_snapshot()?;
+    let stored = state.store.save_snapshot(&stream, snapshot).await?;
+    Ok(Json(SnapshotSaved { stored }))
+}
+
+/// Removes the stream's snapshot, if any.
+#[utoipa::path(
+    delete,
+    path = "/streams/{stream}/snapshot",
+    tag = "snapshots",
+    params(("stream" = String, Path, description = "Stream id")),
+    responses(
+        (status = 204, description = "Removed (or there was none)"),
+        (status = 400, description = "Invalid stream id", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token may not write this stream", body = ErrorBody),
+        (status = 503, description = "The store refuses writes", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn delete_snapshot(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let stream = stream_id(path)?;
+    caller.require_write(stream.as_str())?;
+    state.store.delete_snapshot(&stream).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- $all ---------------------------------------------------------------------------------
@@ -863,6 +964,22 @@ async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError>
         status: "ok".to_owned(),
         head_position: head.map(Position::value),
     }))
+}
+
+/// The server's version and the limits of its store (what a client checks before it sends).
+#[utoipa::path(
+    get,
+    path = "/info",
+    tag = "operations",
+    responses((status = 200, description = "Version and limits", body = Info))
+)]
+async fn info(State(state): State<AppState>) -> Json<Info> {
+    Json(Info {
+        server: "factline".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        limits: state.store.limits().into(),
+        body_bytes_max: state.options.body_bytes_max,
+    })
 }
 
 /// Prometheus metrics (text exposition format). Admin only when auth is on.

@@ -5,8 +5,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use factline_core::{
-    AppendError, DeleteError, EventsRejected, ExpectedVersion, Limit, LimitExceeded, MetadataError,
-    ReadAllError, ReadStreamError, StorageError, StreamState, SubscribeError, SubscriptionError,
+    AppendError, DeleteError, EventsRejected, ExpectedVersion, InvalidEvent, Limit, LimitExceeded,
+    MetadataError, ReadAllError, ReadStreamError, SnapshotError, StorageError, StreamState,
+    SubscribeError, SubscriptionError,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -45,6 +46,8 @@ pub enum ErrorCode {
     Forbidden,
     /// 404: the stream has no visible events.
     StreamNotFound,
+    /// 404: the stream has no snapshot.
+    SnapshotNotFound,
     /// 404: no such route.
     NotFound,
     /// 405: the route does not take this method.
@@ -79,7 +82,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::StreamNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::StreamNotFound | Self::SnapshotNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::WrongExpectedVersion | Self::IdempotencyConflict => StatusCode::CONFLICT,
             Self::StreamDeleted => StatusCode::GONE,
@@ -106,6 +109,7 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::StreamNotFound => "stream_not_found",
+            Self::SnapshotNotFound => "snapshot_not_found",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::WrongExpectedVersion => "wrong_expected_version",
@@ -198,6 +202,27 @@ impl ApiError {
             .with("actual", state_json(actual))
     }
 
+    /// `invalid_event` with `reason` (`empty_type`, `control_character_in_type`, `duplicate_id`,
+    /// `nil_id`) and `index`, plus `byte_offset` or `id` where the reason has one.
+    fn invalid_event(invalid: &InvalidEvent, message: String) -> Self {
+        let api = Self::new(ErrorCode::InvalidEvent, message);
+        match invalid {
+            InvalidEvent::EmptyType { index } => {
+                api.with("reason", "empty_type").with("index", *index)
+            }
+            InvalidEvent::ControlCharacterInType { index, byte_offset } => api
+                .with("reason", "control_character_in_type")
+                .with("index", *index)
+                .with("byte_offset", *byte_offset),
+            InvalidEvent::DuplicateId { index, id } => api
+                .with("reason", "duplicate_id")
+                .with("index", *index)
+                .with("id", id.to_string()),
+            InvalidEvent::NilId { index } => api.with("reason", "nil_id").with("index", *index),
+            _ => api,
+        }
+    }
+
     pub(crate) fn from_serde(error: &serde_json::Error) -> Self {
         tracing::error!(%error, "cannot encode a response");
         Self::new(
@@ -262,6 +287,12 @@ impl From<AppendError> for ApiError {
                 Self::new(ErrorCode::StreamDeleted, message).with("stream", stream.as_str())
             }
             AppendError::Rejected(EventsRejected::LimitExceeded(limit)) => Self::limit(&limit),
+            AppendError::Rejected(EventsRejected::Invalid(invalid)) => {
+                Self::invalid_event(&invalid, message)
+            }
+            AppendError::Rejected(EventsRejected::Empty) => {
+                Self::new(ErrorCode::InvalidEvent, message).with("reason", "empty")
+            }
             AppendError::Rejected(_) => Self::new(ErrorCode::InvalidEvent, message),
             AppendError::DuplicateStream { stream } => {
                 Self::new(ErrorCode::DuplicateStream, message).with("stream", stream.as_str())
@@ -357,6 +388,20 @@ impl From<DeleteError> for ApiError {
                 Self::new(ErrorCode::StreamDeleted, message).with("stream", stream.as_str())
             }
             DeleteError::Storage(storage) => Self::storage(&storage),
+            other => Self::unexpected(&other),
+        }
+    }
+}
+
+impl From<SnapshotError> for ApiError {
+    fn from(error: SnapshotError) -> Self {
+        let message = error.to_string();
+        match error {
+            SnapshotError::LimitExceeded(limit) => Self::limit(&limit),
+            SnapshotError::Deleted { stream } => {
+                Self::new(ErrorCode::StreamDeleted, message).with("stream", stream.as_str())
+            }
+            SnapshotError::Storage(storage) => Self::storage(&storage),
             other => Self::unexpected(&other),
         }
     }

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use factline_core::{
-    AppendResult, ContentType, EventData, Metadata, RecordedEvent, StreamMetadata, Uuid,
+    AppendResult, ContentType, EventData, Limits, Metadata, RecordedEvent, Revision, Snapshot,
+    StreamId, StreamMetadata, Timestamp, Uuid,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -13,7 +14,7 @@ use utoipa::ToSchema;
 use crate::error::{ApiError, ErrorCode};
 
 /// An event to append.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewEvent {
     /// The event id, the key of idempotent retries. A UUIDv7 is assigned when absent.
@@ -24,20 +25,36 @@ pub(crate) struct NewEvent {
     #[schema(min_length = 1, max_length = 255)]
     pub(crate) event_type: String,
     /// The payload: any JSON value, stored byte for byte as sent. Give `data` or `data_base64`.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<serde_json::Value>)]
     pub(crate) data: Option<Box<RawValue>>,
     /// A binary payload, base64 (standard alphabet, padded). Give `data` or `data_base64`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) data_base64: Option<String>,
+    /// With `data_base64` only: `application/octet-stream` (the default) or `application/json`
+    /// for bytes that are labelled JSON but are not sent as a JSON value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "application/octet-stream")]
+    pub(crate) content_type: Option<String>,
     /// String metadata; well-known keys are `correlation_id`, `causation_id`, `schema_version`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) metadata: Option<BTreeMap<String, String>>,
 }
 
 impl NewEvent {
     pub(crate) fn into_event_data(self, index: usize) -> Result<EventData, ApiError> {
         let mut event = match (self.data, self.data_base64) {
+            (Some(_), None) if self.content_type.is_some() => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidEvent,
+                    format!("event {index}: content_type goes with data_base64 only"),
+                )
+                .with("index", index));
+            }
             (Some(data), None) => EventData {
                 id: Uuid::nil(),
                 event_type: self.event_type.into(),
@@ -55,7 +72,22 @@ impl NewEvent {
                         )
                         .with("index", index)
                     })?;
-                EventData::binary(self.event_type, data)
+                let mut event = EventData::binary(self.event_type, data);
+                match self.content_type.as_deref() {
+                    None | Some("application/octet-stream") => {}
+                    Some("application/json") => event.content_type = ContentType::Json,
+                    Some(other) => {
+                        return Err(ApiError::new(
+                            ErrorCode::InvalidEvent,
+                            format!(
+                                "event {index}: content_type {other:?} is neither \
+                                 application/octet-stream nor application/json"
+                            ),
+                        )
+                        .with("index", index));
+                    }
+                }
+                event
             }
             (Some(_), Some(_)) => {
                 return Err(ApiError::new(
@@ -82,6 +114,51 @@ impl NewEvent {
         }
         Ok(event)
     }
+}
+
+impl NewEvent {
+    /// The JSON form of `event`, for a client: JSON payloads go as `data` byte for byte where
+    /// that keeps them exact, everything else as `data_base64` with its content type.
+    pub(crate) fn from_event_data(event: &EventData) -> Self {
+        let exact_json = match event.content_type {
+            ContentType::Json => exact_raw_json(&event.data),
+            ContentType::Binary => None,
+        };
+        let (data, data_base64, content_type) = match exact_json {
+            Some(raw) => (Some(raw), None, None),
+            None => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&event.data)),
+                Some(event.content_type.as_mime().to_owned()),
+            ),
+        };
+        Self {
+            id: Some(event.id),
+            event_type: event.event_type.to_string(),
+            data,
+            data_base64,
+            content_type,
+            metadata: (!event.metadata.is_empty()).then(|| {
+                event
+                    .metadata
+                    .iter()
+                    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// `bytes` as a JSON value that serializes back to exactly these bytes, if they are one (valid
+/// UTF-8 JSON without surrounding whitespace, which a JSON parser would not keep).
+fn exact_raw_json(bytes: &[u8]) -> Option<Box<RawValue>> {
+    let trimmed = bytes.first().is_some_and(|b| !b.is_ascii_whitespace())
+        && bytes.last().is_some_and(|b| !b.is_ascii_whitespace());
+    if !trimmed {
+        return None;
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    RawValue::from_string(text.to_owned()).ok()
 }
 
 /// `Some` for any value that is present, `null` included (absence is the `default`, `None`).
@@ -134,7 +211,7 @@ impl From<AppendResult> for AppendResponse {
 }
 
 /// One stream's part of a multi-stream append.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StreamAppend {
     /// The stream.
@@ -148,7 +225,7 @@ pub(crate) struct StreamAppend {
 }
 
 /// A multi-stream append: every stream's check passes and everything is written, or nothing.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MultiAppend {
     /// The streams, each with its condition and events.
@@ -171,6 +248,8 @@ pub(crate) struct StreamAppendResult {
     pub(crate) next_expected_version: u64,
     /// Position of its last event written.
     pub(crate) position: u64,
+    /// When the events were recorded (RFC 3339, UTC, microseconds).
+    pub(crate) recorded_at: String,
 }
 
 /// A recorded event.
@@ -192,6 +271,7 @@ pub(crate) struct EventJson {
     /// `application/json` or `application/octet-stream`.
     pub(crate) content_type: String,
     /// The JSON payload as appended (null for a binary payload, see `data_base64`).
+    #[serde(default, deserialize_with = "present")]
     #[schema(value_type = serde_json::Value)]
     pub(crate) data: Option<Box<RawValue>>,
     /// A binary payload (or JSON-labelled bytes that are not valid JSON), base64.
@@ -232,6 +312,45 @@ impl From<&RecordedEvent> for EventJson {
                 .map(|(key, value)| (key.to_owned(), value.to_owned()))
                 .collect(),
         }
+    }
+}
+
+impl EventJson {
+    /// The recorded event this JSON describes, for a client; `Err` names the field that is
+    /// not what the server sends.
+    pub(crate) fn into_recorded(self) -> Result<RecordedEvent, String> {
+        let stream = StreamId::new(&self.stream)
+            .map_err(|error| format!("stream {:?}: {error}", self.stream))?;
+        let recorded_at = Timestamp::parse_rfc3339(&self.recorded_at)
+            .map_err(|error| format!("recorded_at {:?}: {error}", self.recorded_at))?;
+        let content_type = match self.content_type.as_str() {
+            "application/json" => ContentType::Json,
+            "application/octet-stream" => ContentType::Binary,
+            other => return Err(format!("content_type {other:?}")),
+        };
+        let data = match (self.data_base64, self.data) {
+            (Some(encoded), _) => base64::engine::general_purpose::STANDARD
+                .decode(encoded.as_bytes())
+                .map(bytes::Bytes::from)
+                .map_err(|error| format!("data_base64: {error}"))?,
+            (None, Some(raw)) => bytes::Bytes::from(String::from(Box::<str>::from(raw))),
+            (None, None) => return Err("neither data nor data_base64".to_owned()),
+        };
+        let mut metadata = Metadata::new();
+        for (key, value) in self.metadata {
+            metadata.insert(key, value);
+        }
+        Ok(RecordedEvent {
+            stream,
+            revision: Revision(self.revision),
+            position: factline_core::Position(self.position),
+            recorded_at,
+            id: self.id,
+            event_type: self.event_type.into(),
+            content_type,
+            data,
+            metadata,
+        })
     }
 }
 
@@ -307,4 +426,130 @@ pub(crate) struct Health {
     /// Position of the last committed event; absent while the log is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) head_position: Option<u64>,
+}
+
+/// A stream's snapshot: the state of its aggregate as of a revision.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SnapshotJson {
+    /// Revision of the last event folded into the state.
+    pub(crate) revision: u64,
+    /// Version of the state's encoding (readers drop snapshots of another version).
+    #[serde(default)]
+    pub(crate) state_version: u32,
+    /// The encoded state, base64 (standard alphabet, padded).
+    pub(crate) state_base64: String,
+    /// When it was taken (RFC 3339); the server's clock when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) taken_at: Option<String>,
+}
+
+impl From<&Snapshot> for SnapshotJson {
+    fn from(snapshot: &Snapshot) -> Self {
+        Self {
+            revision: snapshot.revision.value(),
+            state_version: snapshot.state_version,
+            state_base64: base64::engine::general_purpose::STANDARD.encode(&snapshot.state),
+            taken_at: Some(snapshot.taken_at.to_rfc3339()),
+        }
+    }
+}
+
+impl SnapshotJson {
+    pub(crate) fn into_snapshot(self) -> Result<Snapshot, ApiError> {
+        let state = base64::engine::general_purpose::STANDARD
+            .decode(self.state_base64.as_bytes())
+            .map_err(|error| {
+                ApiError::new(
+                    ErrorCode::InvalidJson,
+                    format!("state_base64 is not base64: {error}"),
+                )
+            })?;
+        let taken_at = match self.taken_at {
+            None => Timestamp::now(),
+            Some(text) => Timestamp::parse_rfc3339(&text).map_err(|error| {
+                ApiError::new(
+                    ErrorCode::InvalidJson,
+                    format!("taken_at {text:?} is not RFC 3339: {error}"),
+                )
+            })?,
+        };
+        Ok(Snapshot {
+            revision: Revision(self.revision),
+            state_version: self.state_version,
+            state: bytes::Bytes::from(state),
+            taken_at,
+        })
+    }
+}
+
+/// What saving a snapshot answers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct SnapshotSaved {
+    /// False when a snapshot of a higher revision was stored already (this one is dropped).
+    pub(crate) stored: bool,
+}
+
+/// The limits the store enforces (see `Limits` in factline-core).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct LimitsJson {
+    /// Largest event (type + data + metadata), bytes.
+    pub(crate) event_size_bytes_max: usize,
+    /// Most events in one append.
+    pub(crate) events_per_append_max: usize,
+    /// Largest append, bytes.
+    pub(crate) append_size_bytes_max: usize,
+    /// Most streams in one multi-stream append.
+    pub(crate) streams_per_append_max: usize,
+    /// Most metadata entries on one event.
+    pub(crate) metadata_entries_max: usize,
+    /// Most events one read may ask for.
+    pub(crate) read_count_max: usize,
+    /// Longest stream id, bytes.
+    pub(crate) stream_id_bytes_max: usize,
+    /// Longest event type, bytes.
+    pub(crate) event_type_bytes_max: usize,
+}
+
+impl From<&Limits> for LimitsJson {
+    fn from(limits: &Limits) -> Self {
+        Self {
+            event_size_bytes_max: limits.event_size_bytes_max,
+            events_per_append_max: limits.events_per_append_max,
+            append_size_bytes_max: limits.append_size_bytes_max,
+            streams_per_append_max: limits.streams_per_append_max,
+            metadata_entries_max: limits.metadata_entries_max,
+            read_count_max: limits.read_count_max,
+            stream_id_bytes_max: limits.stream_id_bytes_max,
+            event_type_bytes_max: limits.event_type_bytes_max,
+        }
+    }
+}
+
+impl LimitsJson {
+    pub(crate) fn to_limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        limits.event_size_bytes_max = self.event_size_bytes_max;
+        limits.events_per_append_max = self.events_per_append_max;
+        limits.append_size_bytes_max = self.append_size_bytes_max;
+        limits.streams_per_append_max = self.streams_per_append_max;
+        limits.metadata_entries_max = self.metadata_entries_max;
+        limits.read_count_max = self.read_count_max;
+        limits.stream_id_bytes_max = self.stream_id_bytes_max;
+        limits.event_type_bytes_max = self.event_type_bytes_max;
+        limits
+    }
+}
+
+/// What `/info` answers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Info {
+    /// `factline`.
+    pub(crate) server: String,
+    /// The server's version.
+    pub(crate) version: String,
+    /// The store's limits.
+    pub(crate) limits: LimitsJson,
+    /// The largest request body the server takes, bytes.
+    pub(crate) body_bytes_max: usize,
 }

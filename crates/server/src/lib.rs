@@ -29,6 +29,7 @@
 
 mod api;
 mod auth;
+pub mod client;
 mod error;
 mod json;
 mod metrics;
@@ -36,8 +37,12 @@ mod sse;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use factline_core::EventStore;
+use factline_core::{EventStore, SnapshotStore};
 use tokio::sync::{Semaphore, watch};
+
+/// What the server serves: an event store with its snapshot store (every backend is both).
+pub trait Store: EventStore + SnapshotStore + 'static {}
+impl<T: EventStore + SnapshotStore + 'static> Store for T {}
 
 pub use auth::{AuthConfig, AuthConfigError, TOKEN_BYTES_MIN, TOKENS_MAX, TokenConfig};
 pub use error::ErrorCode;
@@ -159,7 +164,7 @@ pub enum ServeError {
 /// What every handler shares.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) auth: Option<Arc<AuthConfig>>,
     pub(crate) options: Arc<ServerOptions>,
     pub(crate) subscribers: Arc<Semaphore>,
@@ -185,10 +190,7 @@ pub struct Server {
 
 impl Server {
     /// Checks `options`, binds the listening socket and builds the routes.
-    pub async fn bind(
-        store: Arc<dyn EventStore>,
-        options: ServerOptions,
-    ) -> Result<Self, ServeError> {
+    pub async fn bind(store: Arc<dyn Store>, options: ServerOptions) -> Result<Self, ServeError> {
         if options.auth.is_none() && !options.listen.ip().is_loopback() && !options.insecure {
             return Err(ServeError::InsecureListen {
                 listen: options.listen,
@@ -257,12 +259,12 @@ impl Server {
 
 /// The API's routes over `store`, for embedding in another axum application (no listener,
 /// no shutdown signal: subscriptions end when their client goes away).
-pub fn app(store: Arc<dyn EventStore>, options: ServerOptions) -> axum::Router {
+pub fn app(store: Arc<dyn Store>, options: ServerOptions) -> axum::Router {
     router(store, options, Arc::new(watch::Sender::new(false)))
 }
 
 fn router(
-    store: Arc<dyn EventStore>,
+    store: Arc<dyn Store>,
     options: ServerOptions,
     shutdown: Arc<watch::Sender<bool>>,
 ) -> axum::Router {

@@ -650,6 +650,10 @@ async fn health_metrics_and_openapi() {
         ("/all", "get"),
         ("/all/subscribe", "get"),
         ("/append", "post"),
+        ("/streams/{stream}/snapshot", "get"),
+        ("/streams/{stream}/snapshot", "put"),
+        ("/streams/{stream}/snapshot", "delete"),
+        ("/info", "get"),
         ("/health", "get"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
@@ -887,4 +891,125 @@ async fn a_non_loopback_address_needs_auth_or_insecure() {
             .await
             .is_ok()
     );
+}
+
+#[tokio::test]
+async fn snapshots_round_trip_and_bad_ones_are_refused() {
+    let server = TestServer::memory().await;
+    let (status, body) = server.get("/streams/order-9/snapshot").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "snapshot_not_found");
+
+    let put = |body: Value| {
+        server
+            .client
+            .put(server.url("/streams/order-9/snapshot"))
+            .json(&body)
+            .send()
+    };
+    let (status, body) = json_response(
+        put(json!({"revision": 5, "state_version": 2, "state_base64": "c3RhdGU="}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"stored": true})));
+    let (status, body) = json_response(
+        put(json!({"revision": 3, "state_base64": "b2xk"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"stored": false})),
+        "older is dropped"
+    );
+    let (status, body) = server.get("/streams/order-9/snapshot").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["revision"], 5);
+    assert_eq!(body["state_version"], 2);
+    assert_eq!(body["state_base64"], "c3RhdGU=");
+    assert!(body["taken_at"].as_str().unwrap().ends_with('Z'));
+
+    for bad in [
+        json!({"revision": 1, "state_base64": "not base64!"}),
+        json!({"revision": 1, "state_base64": "eA==", "taken_at": "yesterday"}),
+        json!({"revision": -1, "state_base64": "eA=="}),
+        json!({"state_base64": "eA=="}),
+        json!({"revision": 1, "state_base64": "eA==", "surprise": true}),
+    ] {
+        let response = put(bad.clone()).await.unwrap();
+        let body = expect_error(response, 400, "invalid_json").await;
+        assert!(body["message"].as_str().is_some(), "{bad}: {body}");
+    }
+
+    let deleted = server
+        .client
+        .delete(server.url("/streams/order-9/snapshot"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    let (status, _) = server.get("/streams/order-9/snapshot").await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn info_names_the_server_and_its_limits() {
+    let server = TestServer::memory().await;
+    let (status, body) = server.get("/info").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["server"], "factline");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(body["limits"]["event_size_bytes_max"], 1024 * 1024);
+    assert_eq!(body["limits"]["read_count_max"], 10_000);
+    assert_eq!(body["body_bytes_max"], 16 * 1024 * 1024);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn json_labelled_bytes_keep_their_label_through_base64() {
+    let server = TestServer::memory().await;
+    let (status, _) = server
+        .append(
+            "raw-1",
+            None,
+            json!([
+                {"type": "Labelled", "data_base64": "IHt9IA==", "content_type": "application/json"},
+                {"type": "Plain", "data_base64": "AAE="}
+            ]),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, page) = server.get("/streams/raw-1").await;
+    assert_eq!(page["events"][0]["content_type"], "application/json");
+    assert_eq!(
+        page["events"][1]["content_type"],
+        "application/octet-stream"
+    );
+    let (status, body) = server
+        .append(
+            "raw-1",
+            None,
+            json!({"type": "Odd", "data_base64": "AA==", "content_type": "text/plain"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_event"))
+    );
+    let (status, body) = server
+        .append(
+            "raw-1",
+            None,
+            json!({"type": "Odd", "data": 1, "content_type": "application/json"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_event"))
+    );
+    server.stop().await;
 }

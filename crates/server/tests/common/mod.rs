@@ -4,8 +4,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use factline_core::{EventStore, InMemoryStore};
-use factline_server::{Server, ServerOptions};
+use factline_core::InMemoryStore;
+use factline_server::{Server, ServerOptions, Store};
 use futures::StreamExt as _;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -18,7 +18,7 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start(store: Arc<dyn EventStore>, options: ServerOptions) -> Self {
+    pub async fn start(store: Arc<dyn Store>, options: ServerOptions) -> Self {
         let options = options.listen("127.0.0.1:0".parse().unwrap());
         let server = Server::bind(store, options).await.unwrap();
         let base = format!("http://{}", server.local_addr());

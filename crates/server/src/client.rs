@@ -1,0 +1,1135 @@
+//! A client of the HTTP API that is itself an [`EventStore`] and [`SnapshotStore`]: code written
+//! against the traits runs unchanged against a remote `factline serve`, and the shared
+//! conformance suite runs through HTTP against the server (`tests/conformance.rs`).
+//!
+//! Every error the server answers is turned back into the typed error of the operation
+//! (`409 wrong_expected_version` into [`AppendError::WrongExpectedVersion`] with its expected
+//! and actual versions, `413 limit_exceeded` into the [`LimitExceeded`] it names, …). Transport
+//! failures and answers the client cannot read are [`StorageError::Backend`] holding an
+//! [`HttpError`]. Subscriptions read Server-Sent Events; one whose connection drops ends with a
+//! storage error (resume with [`SubscribeFrom::After`] the last position seen).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use factline_core::{EventData, EventStore, ExpectedVersion, StreamId};
+//! use factline_server::client::HttpStore;
+//!
+//! let store = HttpStore::connect("http://127.0.0.1:7610").await?;
+//! let stream = StreamId::new("order-42")?;
+//! let event = EventData::json("OrderPlaced", &serde_json::json!({"total": 12}))?;
+//! store.append(&stream, ExpectedVersion::NoStream, vec![event]).await?;
+//! # Ok(()) }
+//! ```
+
+use std::{collections::VecDeque, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use factline_core::{
+    AllSlice, AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode, Direction,
+    EventData, EventFilter, EventStore, EventsRejected, ExpectedVersion, InvalidEvent, Limit,
+    LimitExceeded, Limits, MetadataError, Position, ReadAllError, ReadAllOptions, ReadStreamError,
+    ReadStreamOptions, RecordedEvent, Revision, Snapshot, SnapshotError, SnapshotStore,
+    StorageError, StreamId, StreamMetadata, StreamSlice, StreamState, SubscribeError,
+    SubscribeFrom, Subscription, SubscriptionError, Timestamp,
+};
+use futures::{Stream, StreamExt as _};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use serde_json::{Map, Value};
+
+use crate::{
+    error::{ErrorBody, ErrorCode},
+    json::{
+        AllPage, AppendResponse, EventJson, Info, MetadataJson, MultiAppend, MultiAppendResponse,
+        NewEvent, SnapshotJson, SnapshotSaved, StreamAppend, StreamPage,
+    },
+};
+
+/// How an [`HttpStore`] talks to its server.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// Sent as `Authorization: Bearer <token>` when set.
+    pub token: Option<String>,
+    /// Longest wait for a connection to the server. Default 10 s.
+    pub connect_timeout_ms: Option<u64>,
+    /// Longest wait for the answer to a request (not for subscriptions, which stay open).
+    /// Default 60 s.
+    pub request_timeout_ms: Option<u64>,
+}
+
+impl ClientOptions {
+    /// Sends `token` as a bearer token.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+}
+
+/// Why [`HttpStore::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL is not an `http` URL.
+    #[error("{url:?} is not a server URL (give e.g. http://127.0.0.1:7610): {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The server did not answer `GET /info` as a factline server does.
+    #[error("cannot use the factline server at {url}: {source}")]
+    Server {
+        /// The URL given.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: HttpError,
+    },
+}
+
+/// A failure talking to the server that is not one of the operation's own errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// The request did not get an answer (connection refused, timeout, …).
+    #[error("{method} {url}: {source}")]
+    Transport {
+        /// The method.
+        method: Method,
+        /// The URL.
+        url: Url,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error this operation does not expect.
+    #[error("{method} {url}: HTTP {status} {code}: {message}")]
+    Status {
+        /// The method.
+        method: Method,
+        /// The URL.
+        url: Url,
+        /// The status.
+        status: StatusCode,
+        /// The `error` code of the body, or `-` when the body was not a factline error.
+        code: String,
+        /// The `message` of the body, or the body itself.
+        message: String,
+    },
+    /// The server answered with a body this client cannot read.
+    #[error("{method} {url}: unexpected answer: {reason}")]
+    Malformed {
+        /// The method.
+        method: Method,
+        /// The URL.
+        url: Url,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// An [`EventStore`] on a remote factline server, over its HTTP/JSON API.
+#[derive(Debug, Clone)]
+pub struct HttpStore {
+    client: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+    limits: Limits,
+    version: String,
+}
+
+/// An error answer of the server, with what the request was.
+struct Failure {
+    method: Method,
+    url: Url,
+    status: StatusCode,
+    body: Option<ErrorBody>,
+    text: String,
+}
+
+impl Failure {
+    fn code(&self) -> Option<ErrorCode> {
+        self.body.as_ref().map(|body| body.error)
+    }
+
+    fn details(&self) -> Option<&Map<String, Value>> {
+        self.body.as_ref().map(|body| &body.details)
+    }
+
+    fn message(&self) -> String {
+        self.body
+            .as_ref()
+            .map_or_else(|| self.text.clone(), |body| body.message.clone())
+    }
+
+    fn detail_u64(&self, key: &str) -> Option<u64> {
+        self.details()?.get(key)?.as_u64()
+    }
+
+    fn detail_str(&self, key: &str) -> Option<&str> {
+        self.details()?.get(key)?.as_str()
+    }
+
+    /// The stream the error names, else `fallback`.
+    fn stream(&self, fallback: &StreamId) -> StreamId {
+        self.detail_str("stream")
+            .and_then(|name| StreamId::new(name).ok())
+            .unwrap_or_else(|| fallback.clone())
+    }
+
+    /// The storage error this failure stands for when it is none of the operation's own.
+    fn storage(self) -> StorageError {
+        match self.code() {
+            Some(ErrorCode::StoreUnavailable) => {
+                let message = self.message();
+                if message.contains("closed") {
+                    StorageError::Closed
+                } else {
+                    StorageError::Failed { reason: message }
+                }
+            }
+            _ => StorageError::backend(HttpError::Status {
+                code: self
+                    .code()
+                    .map_or_else(|| "-".to_owned(), |c| c.as_str().to_owned()),
+                message: self.message(),
+                method: self.method,
+                url: self.url,
+                status: self.status,
+            }),
+        }
+    }
+
+    fn limit(&self) -> Option<LimitExceeded> {
+        if self.code() != Some(ErrorCode::LimitExceeded) {
+            return None;
+        }
+        let limit = match self.detail_str("limit")? {
+            "event_size_bytes_max" => Limit::EventSizeBytes,
+            "events_per_append_max" => Limit::EventsPerAppend,
+            "append_size_bytes_max" => Limit::AppendSizeBytes,
+            "streams_per_append_max" => Limit::StreamsPerAppend,
+            "metadata_entries_max" => Limit::MetadataEntries,
+            "read_count_max" => Limit::ReadCount,
+            "event_type_bytes_max" => Limit::EventTypeBytes,
+            _ => return None,
+        };
+        Some(LimitExceeded {
+            limit,
+            max: self.detail_u64("max")?,
+            actual: self.detail_u64("actual")?,
+        })
+    }
+
+    fn wrong_expected_version(&self) -> Option<(ExpectedVersion, StreamState)> {
+        if self.code() != Some(ErrorCode::WrongExpectedVersion) {
+            return None;
+        }
+        let details = self.details()?;
+        let expected = match details.get("expected")? {
+            Value::Number(n) => ExpectedVersion::Exact(Revision(n.as_u64()?)),
+            Value::String(text) => text.parse().ok()?,
+            _ => return None,
+        };
+        let actual = match details.get("actual")? {
+            Value::Number(n) => StreamState::At(Revision(n.as_u64()?)),
+            Value::String(text) if text == "no-stream" => StreamState::NoStream,
+            _ => return None,
+        };
+        Some((expected, actual))
+    }
+
+    fn invalid_event(&self) -> Option<EventsRejected> {
+        if self.code() != Some(ErrorCode::InvalidEvent) {
+            return None;
+        }
+        let index = || self.detail_u64("index").map(|i| i as usize);
+        Some(match self.detail_str("reason")? {
+            "empty" => EventsRejected::Empty,
+            "empty_type" => InvalidEvent::EmptyType { index: index()? }.into(),
+            "control_character_in_type" => InvalidEvent::ControlCharacterInType {
+                index: index()?,
+                byte_offset: self.detail_u64("byte_offset")? as usize,
+            }
+            .into(),
+            "duplicate_id" => InvalidEvent::DuplicateId {
+                index: index()?,
+                id: self.detail_str("id")?.parse().ok()?,
+            }
+            .into(),
+            "nil_id" => InvalidEvent::NilId { index: index()? }.into(),
+            _ => return None,
+        })
+    }
+
+    fn append_error(self, stream: &StreamId) -> AppendError {
+        if let Some((expected, actual)) = self.wrong_expected_version() {
+            return AppendError::WrongExpectedVersion {
+                stream: self.stream(stream),
+                expected,
+                actual,
+            };
+        }
+        if let Some(limit) = self.limit() {
+            return limit.into();
+        }
+        if let Some(rejected) = self.invalid_event() {
+            return AppendError::Rejected(rejected);
+        }
+        match self.code() {
+            Some(ErrorCode::IdempotencyConflict) => {
+                if let Some(event_id) = self.detail_str("event_id").and_then(|id| id.parse().ok()) {
+                    return AppendError::IdempotencyConflict {
+                        stream: self.stream(stream),
+                        event_id,
+                    };
+                }
+            }
+            Some(ErrorCode::StreamDeleted) => {
+                return AppendError::StreamDeleted {
+                    stream: self.stream(stream),
+                };
+            }
+            Some(ErrorCode::DuplicateStream) => {
+                return AppendError::DuplicateStream {
+                    stream: self.stream(stream),
+                };
+            }
+            _ => {}
+        }
+        AppendError::Storage(self.storage())
+    }
+}
+
+impl HttpStore {
+    /// Connects to the server at `url` (e.g. `http://127.0.0.1:7610`) and reads its limits.
+    pub async fn connect(url: &str) -> Result<Self, ConnectError> {
+        Self::connect_with(url, ClientOptions::default()).await
+    }
+
+    /// Connects with `options` (a bearer token, timeouts).
+    pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self, ConnectError> {
+        let invalid = |reason: String| ConnectError::InvalidUrl {
+            url: url.to_owned(),
+            reason,
+        };
+        let mut base = Url::parse(url).map_err(|error| invalid(error.to_string()))?;
+        if base.scheme() != "http" {
+            return Err(invalid(format!(
+                "the scheme is {:?}; this build speaks plain http (TLS is not built yet)",
+                base.scheme()
+            )));
+        }
+        if base.cannot_be_a_base() {
+            return Err(invalid("it cannot have a path".to_owned()));
+        }
+        // The API's paths are appended to the URL's path.
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(
+                options.connect_timeout_ms.unwrap_or(10_000),
+            ))
+            .read_timeout(Duration::from_millis(
+                options.request_timeout_ms.unwrap_or(60_000),
+            ))
+            .build()
+            .map_err(|error| invalid(error.to_string()))?;
+        let mut store = Self {
+            client,
+            base,
+            token: options.token,
+            limits: Limits::default(),
+            version: String::new(),
+        };
+        let info: Info = store
+            .send_json(store.request(Method::GET, store.url(&["info"])))
+            .await
+            .map_err(|failure| ConnectError::Server {
+                url: url.to_owned(),
+                source: failure,
+            })?;
+        if info.server != "factline" {
+            return Err(ConnectError::Server {
+                url: url.to_owned(),
+                source: HttpError::Malformed {
+                    method: Method::GET,
+                    url: store.url(&["info"]),
+                    reason: format!("the server says it is {:?}", info.server),
+                },
+            });
+        }
+        store.limits = info.limits.to_limits();
+        store.version = info.version;
+        Ok(store)
+    }
+
+    /// The server's version, as it reported it at connect.
+    pub fn server_version(&self) -> &str {
+        &self.version
+    }
+
+    /// `base` + the path segments, each percent-encoded (stream ids may hold `/`, `?`, …).
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    fn stream_url(&self, stream: &StreamId, rest: &[&str]) -> Url {
+        let mut segments = vec!["streams", stream.as_str()];
+        segments.extend_from_slice(rest);
+        self.url(&segments)
+    }
+
+    fn request(&self, method: Method, url: Url) -> RequestBuilder {
+        let builder = self.client.request(method, url);
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    /// Sends `builder`; an answer outside 2xx is a [`Failure`], no answer an [`HttpError`].
+    async fn send(&self, builder: RequestBuilder) -> Result<Result<Response, Failure>, HttpError> {
+        let request = builder.build().map_err(|source| HttpError::Transport {
+            method: Method::GET,
+            url: self.base.clone(),
+            source,
+        })?;
+        let (method, url) = (request.method().clone(), request.url().clone());
+        let response =
+            self.client
+                .execute(request)
+                .await
+                .map_err(|source| HttpError::Transport {
+                    method: method.clone(),
+                    url: url.clone(),
+                    source,
+                })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(Ok(response));
+        }
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str::<ErrorBody>(&text).ok();
+        Ok(Err(Failure {
+            method,
+            url,
+            status,
+            body,
+            text,
+        }))
+    }
+
+    /// Reads a 2xx answer's JSON body.
+    async fn body<T: serde::de::DeserializeOwned>(response: Response) -> Result<T, HttpError> {
+        let (method, url) = (Method::GET, response.url().clone());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| HttpError::Transport {
+                method: method.clone(),
+                url: url.clone(),
+                source,
+            })?;
+        serde_json::from_slice(&bytes).map_err(|error| HttpError::Malformed {
+            method,
+            url,
+            reason: error.to_string(),
+        })
+    }
+
+    /// Sends `builder` and reads its JSON answer; any error answer is an [`HttpError`].
+    async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        builder: RequestBuilder,
+    ) -> Result<T, HttpError> {
+        match self.send(builder).await? {
+            Ok(response) => Self::body(response).await,
+            Err(failure) => Err(HttpError::Status {
+                code: failure
+                    .code()
+                    .map_or_else(|| "-".to_owned(), |c| c.as_str().to_owned()),
+                message: failure.message(),
+                method: failure.method,
+                url: failure.url,
+                status: failure.status,
+            }),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        url: Url,
+        stream: Option<&StreamId>,
+    ) -> Result<Subscription, SubscribeError> {
+        let response = match self
+            .send(
+                self.request(Method::GET, url)
+                    .header(reqwest::header::ACCEPT, "text/event-stream"),
+            )
+            .await
+            .map_err(StorageError::backend)?
+        {
+            Ok(response) => response,
+            Err(failure) => {
+                if failure.code() == Some(ErrorCode::StreamDeleted)
+                    && let Some(stream) = stream
+                {
+                    return Err(SubscribeError::Deleted {
+                        stream: failure.stream(stream),
+                    });
+                }
+                return Err(failure.storage().into());
+            }
+        };
+        Ok(Subscription::new(sse_events(
+            response.url().clone(),
+            response.bytes_stream(),
+            stream.cloned(),
+        )))
+    }
+}
+
+/// The events of a Server-Sent Events body. The connection ending is an error: a factline
+/// subscription only ends when the server shuts down, the stream is tombstoned, or it fails.
+fn sse_events(
+    url: Url,
+    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    stream: Option<StreamId>,
+) -> impl Stream<Item = Result<RecordedEvent, SubscriptionError>> + Send + 'static {
+    struct State<B> {
+        body: std::pin::Pin<Box<B>>,
+        parser: SseParser,
+        ready: VecDeque<SseMessage>,
+        url: Url,
+        stream: Option<StreamId>,
+        done: bool,
+    }
+    let state = State {
+        body: Box::pin(body),
+        parser: SseParser::default(),
+        ready: VecDeque::new(),
+        url,
+        stream,
+        done: false,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        loop {
+            if let Some(message) = state.ready.pop_front() {
+                let item = message_to_event(&state.url, state.stream.as_ref(), message);
+                if item.is_err() {
+                    state.done = true;
+                }
+                return Some((item, state));
+            }
+            let error = match state.body.next().await {
+                Some(Ok(chunk)) => match state.parser.feed(&chunk, &mut state.ready) {
+                    Ok(()) => continue,
+                    Err(reason) => HttpError::Malformed {
+                        method: Method::GET,
+                        url: state.url.clone(),
+                        reason,
+                    },
+                },
+                Some(Err(source)) => HttpError::Transport {
+                    method: Method::GET,
+                    url: state.url.clone(),
+                    source,
+                },
+                None => HttpError::Malformed {
+                    method: Method::GET,
+                    url: state.url.clone(),
+                    reason: "the server ended the subscription".to_owned(),
+                },
+            };
+            state.done = true;
+            return Some((Err(StorageError::backend(error).into()), state));
+        }
+    })
+}
+
+fn message_to_event(
+    url: &Url,
+    stream: Option<&StreamId>,
+    message: SseMessage,
+) -> Result<RecordedEvent, SubscriptionError> {
+    let malformed = |reason: String| {
+        SubscriptionError::from(StorageError::backend(HttpError::Malformed {
+            method: Method::GET,
+            url: url.clone(),
+            reason,
+        }))
+    };
+    if message.event.as_deref() == Some("error") {
+        let body: ErrorBody = serde_json::from_str(&message.data)
+            .map_err(|error| malformed(format!("an error message that is not JSON: {error}")))?;
+        if body.error == ErrorCode::StreamDeleted
+            && let Some(stream) = stream
+        {
+            return Err(SubscriptionError::Deleted {
+                stream: body
+                    .details
+                    .get("stream")
+                    .and_then(Value::as_str)
+                    .and_then(|name| StreamId::new(name).ok())
+                    .unwrap_or_else(|| stream.clone()),
+            });
+        }
+        return Err(malformed(format!(
+            "the subscription failed: {}: {}",
+            body.error.as_str(),
+            body.message
+        )));
+    }
+    let json: EventJson = serde_json::from_str(&message.data)
+        .map_err(|error| malformed(format!("an event that is not JSON: {error}")))?;
+    json.into_recorded().map_err(malformed)
+}
+
+/// Most bytes one SSE message (or one line) may take before the stream counts as malformed.
+const SSE_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// One dispatched Server-Sent Events message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct SseMessage {
+    pub(crate) event: Option<String>,
+    pub(crate) id: Option<String>,
+    pub(crate) data: String,
+}
+
+/// An incremental parser of `text/event-stream` (the WHATWG rules: lines end in LF, CRLF or
+/// CR; `field: value` with one optional space; comments start with `:`; a blank line
+/// dispatches; `data` lines join with LF).
+#[derive(Debug, Default)]
+pub(crate) struct SseParser {
+    line: Vec<u8>,
+    last_was_cr: bool,
+    message: SseMessage,
+    has_data: bool,
+    message_bytes: usize,
+}
+
+impl SseParser {
+    /// Feeds `chunk`, pushing each completed message to `out`.
+    pub(crate) fn feed(
+        &mut self,
+        chunk: &[u8],
+        out: &mut VecDeque<SseMessage>,
+    ) -> Result<(), String> {
+        for &byte in chunk {
+            match byte {
+                b'\n' if self.last_was_cr => self.last_was_cr = false,
+                b'\n' | b'\r' => {
+                    self.last_was_cr = byte == b'\r';
+                    self.end_line(out)?;
+                }
+                _ => {
+                    self.last_was_cr = false;
+                    self.line.push(byte);
+                    self.message_bytes += 1;
+                    if self.message_bytes > SSE_MESSAGE_BYTES_MAX {
+                        return Err(format!("an SSE message over {SSE_MESSAGE_BYTES_MAX} bytes"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_line(&mut self, out: &mut VecDeque<SseMessage>) -> Result<(), String> {
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            let message = std::mem::take(&mut self.message);
+            if self.has_data || message.event.is_some() {
+                out.push_back(message);
+            }
+            self.has_data = false;
+            self.message_bytes = 0;
+            return Ok(());
+        }
+        let line =
+            String::from_utf8(line).map_err(|_| "an SSE line that is not UTF-8".to_owned())?;
+        if line.starts_with(':') {
+            return Ok(());
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line.as_str(), ""),
+        };
+        match field {
+            "data" => {
+                if self.has_data {
+                    self.message.data.push('\n');
+                }
+                self.message.data.push_str(value);
+                self.has_data = true;
+            }
+            "event" => self.message.event = Some(value.to_owned()),
+            "id" => self.message.id = Some(value.to_owned()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn from_query(from: SubscribeFrom<u64>) -> String {
+    match from {
+        SubscribeFrom::Start => "start".to_owned(),
+        SubscribeFrom::End => "end".to_owned(),
+        SubscribeFrom::After(last) => (last + 1).to_string(),
+    }
+}
+
+fn direction_query(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Backwards => "backwards",
+        _ => "forwards",
+    }
+}
+
+fn filter_query(filter: &EventFilter) -> Vec<(&'static str, String)> {
+    let mut query = Vec::new();
+    if let Some(prefix) = &filter.stream_prefix {
+        query.push(("prefix", prefix.clone()));
+    }
+    if let Some(category) = &filter.category {
+        query.push(("category", category.clone()));
+    }
+    if let Some(event_type) = &filter.event_type_prefix {
+        query.push(("type", event_type.clone()));
+    }
+    query
+}
+
+fn malformed(method: Method, url: &Url, reason: impl Into<String>) -> StorageError {
+    StorageError::backend(HttpError::Malformed {
+        method,
+        url: url.clone(),
+        reason: reason.into(),
+    })
+}
+
+fn recorded(events: Vec<EventJson>, url: &Url) -> Result<Vec<RecordedEvent>, StorageError> {
+    events
+        .into_iter()
+        .map(|event| {
+            event
+                .into_recorded()
+                .map_err(|reason| malformed(Method::GET, url, reason))
+        })
+        .collect()
+}
+
+fn timestamp(text: &str, url: &Url) -> Result<Timestamp, StorageError> {
+    Timestamp::parse_rfc3339(text)
+        .map_err(|error| malformed(Method::POST, url, format!("recorded_at {text:?}: {error}")))
+}
+
+#[async_trait]
+impl EventStore for HttpStore {
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, AppendError> {
+        let url = self.stream_url(stream, &[]);
+        let body: Vec<NewEvent> = events.iter().map(NewEvent::from_event_data).collect();
+        let builder = self
+            .request(Method::POST, url.clone())
+            .header("Expected-Version", expected.to_string())
+            .json(&body);
+        match self.send(builder).await.map_err(StorageError::backend)? {
+            Ok(response) => {
+                let answer: AppendResponse =
+                    Self::body(response).await.map_err(StorageError::backend)?;
+                Ok(AppendResult {
+                    next_expected_version: Revision(answer.next_expected_version),
+                    position: Position(answer.position),
+                    recorded_at: timestamp(&answer.recorded_at, &url)?,
+                })
+            }
+            Err(failure) => Err(failure.append_error(stream)),
+        }
+    }
+
+    async fn append_multi(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> Result<Vec<AppendResult>, AppendError> {
+        let url = self.url(&["append"]);
+        let Some(first) = requests.first().map(|request| request.stream.clone()) else {
+            return Err(AppendError::Rejected(EventsRejected::Empty));
+        };
+        let body = MultiAppend {
+            streams: requests
+                .iter()
+                .map(|request| StreamAppend {
+                    stream: request.stream.as_str().to_owned(),
+                    expected_version: Some(Value::String(request.expected.to_string())),
+                    events: request
+                        .events
+                        .iter()
+                        .map(NewEvent::from_event_data)
+                        .collect(),
+                })
+                .collect(),
+        };
+        let builder = self.request(Method::POST, url.clone()).json(&body);
+        match self.send(builder).await.map_err(StorageError::backend)? {
+            Ok(response) => {
+                let answer: MultiAppendResponse =
+                    Self::body(response).await.map_err(StorageError::backend)?;
+                answer
+                    .results
+                    .into_iter()
+                    .map(|result| {
+                        Ok(AppendResult {
+                            next_expected_version: Revision(result.next_expected_version),
+                            position: Position(result.position),
+                            recorded_at: timestamp(&result.recorded_at, &url)?,
+                        })
+                    })
+                    .collect()
+            }
+            Err(failure) => Err(failure.append_error(&first)),
+        }
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        options: ReadStreamOptions,
+    ) -> Result<StreamSlice, ReadStreamError> {
+        let url = self.stream_url(stream, &[]);
+        let mut query = vec![
+            ("limit", options.limit.to_string()),
+            ("direction", direction_query(options.direction).to_owned()),
+        ];
+        if let Some(from) = options.from {
+            query.push(("from", from.value().to_string()));
+        }
+        let builder = self.request(Method::GET, url.clone()).query(&query);
+        match self.send(builder).await.map_err(StorageError::backend)? {
+            Ok(response) => {
+                let page: StreamPage = Self::body(response).await.map_err(StorageError::backend)?;
+                Ok(StreamSlice {
+                    events: recorded(page.events, &url)?,
+                    last_revision: Revision(page.last_revision),
+                    next_revision: Revision(page.next_revision),
+                    is_end: page.is_end,
+                })
+            }
+            Err(failure) => Err(match failure.code() {
+                Some(ErrorCode::StreamNotFound) => ReadStreamError::NotFound {
+                    stream: failure.stream(stream),
+                },
+                Some(ErrorCode::StreamDeleted) => ReadStreamError::Deleted {
+                    stream: failure.stream(stream),
+                },
+                _ => match failure.limit() {
+                    Some(limit) => limit.into(),
+                    None => failure.storage().into(),
+                },
+            }),
+        }
+    }
+
+    async fn read_all(&self, options: ReadAllOptions) -> Result<AllSlice, ReadAllError> {
+        let url = self.url(&["all"]);
+        let mut query = vec![
+            ("limit", options.limit.to_string()),
+            ("direction", direction_query(options.direction).to_owned()),
+        ];
+        if let Some(from) = options.from {
+            query.push(("from", from.value().to_string()));
+        }
+        query.extend(filter_query(&options.filter));
+        let builder = self.request(Method::GET, url.clone()).query(&query);
+        match self.send(builder).await.map_err(StorageError::backend)? {
+            Ok(response) => {
+                let page: AllPage = Self::body(response).await.map_err(StorageError::backend)?;
+                Ok(AllSlice {
+                    events: recorded(page.events, &url)?,
+                    next_position: Position(page.next_position),
+                    is_end: page.is_end,
+                })
+            }
+            Err(failure) => Err(match failure.limit() {
+                Some(limit) => limit.into(),
+                None => failure.storage().into(),
+            }),
+        }
+    }
+
+    async fn head_position(&self) -> Result<Option<Position>, StorageError> {
+        let health: crate::json::Health = self
+            .send_json(self.request(Method::GET, self.url(&["health"])))
+            .await
+            .map_err(StorageError::backend)?;
+        Ok(health.head_position.map(Position))
+    }
+
+    async fn subscribe_to_stream(
+        &self,
+        stream: &StreamId,
+        from: SubscribeFrom<Revision>,
+    ) -> Result<Subscription, SubscribeError> {
+        let from = match from {
+            SubscribeFrom::Start => SubscribeFrom::Start,
+            SubscribeFrom::End => SubscribeFrom::End,
+            SubscribeFrom::After(revision) => SubscribeFrom::After(revision.value()),
+        };
+        let mut url = self.stream_url(stream, &["subscribe"]);
+        url.query_pairs_mut().append_pair("from", &from_query(from));
+        self.subscribe(url, Some(stream)).await
+    }
+
+    async fn subscribe_to_all(
+        &self,
+        from: SubscribeFrom<Position>,
+        filter: EventFilter,
+    ) -> Result<Subscription, SubscribeError> {
+        let from = match from {
+            SubscribeFrom::Start => SubscribeFrom::Start,
+            SubscribeFrom::End => SubscribeFrom::End,
+            SubscribeFrom::After(position) => SubscribeFrom::After(position.value()),
+        };
+        let mut url = self.url(&["all", "subscribe"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("from", &from_query(from));
+            for (key, value) in filter_query(&filter) {
+                pairs.append_pair(key, &value);
+            }
+        }
+        self.subscribe(url, None).await
+    }
+
+    async fn stream_metadata(&self, stream: &StreamId) -> Result<StreamMetadata, MetadataError> {
+        let url = self.stream_url(stream, &["metadata"]);
+        match self
+            .send(self.request(Method::GET, url))
+            .await
+            .map_err(StorageError::backend)?
+        {
+            Ok(response) => {
+                let json: MetadataJson =
+                    Self::body(response).await.map_err(StorageError::backend)?;
+                Ok(json.into())
+            }
+            Err(failure) => Err(metadata_error(failure, stream)),
+        }
+    }
+
+    async fn set_stream_metadata(
+        &self,
+        stream: &StreamId,
+        metadata: StreamMetadata,
+    ) -> Result<(), MetadataError> {
+        let url = self.stream_url(stream, &["metadata"]);
+        let json = MetadataJson {
+            max_count: metadata.max_count,
+            // The API counts whole seconds; a fraction rounds up so nothing expires early.
+            max_age_seconds: metadata
+                .max_age
+                .map(|age| age.as_secs() + u64::from(age.subsec_nanos() > 0)),
+            truncate_before: metadata.truncate_before.map(Revision::value),
+        };
+        match self
+            .send(self.request(Method::PUT, url).json(&json))
+            .await
+            .map_err(StorageError::backend)?
+        {
+            Ok(_) => Ok(()),
+            Err(failure) => Err(metadata_error(failure, stream)),
+        }
+    }
+
+    async fn delete_stream(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+    ) -> Result<(), DeleteError> {
+        let mut url = self.stream_url(stream, &[]);
+        if mode == DeleteMode::Tombstone {
+            url.query_pairs_mut().append_pair("hard", "true");
+        }
+        let builder = self
+            .request(Method::DELETE, url)
+            .header("Expected-Version", expected.to_string());
+        match self.send(builder).await.map_err(StorageError::backend)? {
+            Ok(_) => Ok(()),
+            Err(failure) => Err(
+                if let Some((expected, actual)) = failure.wrong_expected_version() {
+                    DeleteError::WrongExpectedVersion {
+                        stream: failure.stream(stream),
+                        expected,
+                        actual,
+                    }
+                } else {
+                    match failure.code() {
+                        Some(ErrorCode::StreamNotFound) => DeleteError::NotFound {
+                            stream: failure.stream(stream),
+                        },
+                        Some(ErrorCode::StreamDeleted) => DeleteError::Deleted {
+                            stream: failure.stream(stream),
+                        },
+                        _ => failure.storage().into(),
+                    }
+                },
+            ),
+        }
+    }
+}
+
+fn metadata_error(failure: Failure, stream: &StreamId) -> MetadataError {
+    match failure.code() {
+        Some(ErrorCode::StreamDeleted) => MetadataError::Deleted {
+            stream: failure.stream(stream),
+        },
+        Some(ErrorCode::InvalidMetadata) => {
+            let field = match failure.detail_str("field") {
+                Some("max_count") => "max_count",
+                Some("max_age") => "max_age",
+                Some("truncate_before") => "truncate_before",
+                _ => "metadata",
+            };
+            MetadataError::Invalid {
+                field,
+                reason: "refused by the server",
+            }
+        }
+        _ => failure.storage().into(),
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for HttpStore {
+    async fn save_snapshot(
+        &self,
+        stream: &StreamId,
+        snapshot: Snapshot,
+    ) -> Result<bool, SnapshotError> {
+        let url = self.stream_url(stream, &["snapshot"]);
+        let json = SnapshotJson::from(&snapshot);
+        match self
+            .send(self.request(Method::PUT, url).json(&json))
+            .await
+            .map_err(StorageError::backend)?
+        {
+            Ok(response) => {
+                let saved: SnapshotSaved =
+                    Self::body(response).await.map_err(StorageError::backend)?;
+                Ok(saved.stored)
+            }
+            Err(failure) => Err(snapshot_error(failure, stream)),
+        }
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, SnapshotError> {
+        let url = self.stream_url(stream, &["snapshot"]);
+        match self
+            .send(self.request(Method::GET, url.clone()))
+            .await
+            .map_err(StorageError::backend)?
+        {
+            Ok(response) => {
+                let json: SnapshotJson =
+                    Self::body(response).await.map_err(StorageError::backend)?;
+                json.into_snapshot()
+                    .map(Some)
+                    .map_err(|error| malformed(Method::GET, &url, error.body().message).into())
+            }
+            Err(failure) if failure.code() == Some(ErrorCode::SnapshotNotFound) => Ok(None),
+            Err(failure) => Err(snapshot_error(failure, stream)),
+        }
+    }
+
+    async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), SnapshotError> {
+        let url = self.stream_url(stream, &["snapshot"]);
+        match self
+            .send(self.request(Method::DELETE, url))
+            .await
+            .map_err(StorageError::backend)?
+        {
+            Ok(_) => Ok(()),
+            Err(failure) => Err(snapshot_error(failure, stream)),
+        }
+    }
+}
+
+fn snapshot_error(failure: Failure, stream: &StreamId) -> SnapshotError {
+    if let Some(limit) = failure.limit() {
+        return limit.into();
+    }
+    match failure.code() {
+        Some(ErrorCode::StreamDeleted) => SnapshotError::Deleted {
+            stream: failure.stream(stream),
+        },
+        _ => failure.storage().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(chunks: &[&[u8]]) -> Vec<SseMessage> {
+        let mut parser = SseParser::default();
+        let mut out = VecDeque::new();
+        for chunk in chunks {
+            parser.feed(chunk, &mut out).unwrap();
+        }
+        out.into_iter().collect()
+    }
+
+    #[test]
+    fn sse_messages_are_split_at_blank_lines_whatever_the_chunks() {
+        let text =
+            b": keep-alive\n\nid: 7\ndata: {\"a\":1}\n\nevent: error\ndata: x\r\ndata: y\r\n\r\n";
+        let whole = parse(&[text]);
+        assert_eq!(
+            whole,
+            vec![
+                SseMessage {
+                    event: None,
+                    id: Some("7".into()),
+                    data: "{\"a\":1}".into()
+                },
+                SseMessage {
+                    event: Some("error".into()),
+                    id: None,
+                    data: "x\ny".into()
+                },
+            ]
+        );
+        // Byte by byte, with the CRLF split between chunks, gives the same messages.
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(parse(&bytes), whole);
+    }
+
+    #[test]
+    fn an_sse_line_that_is_not_utf8_is_an_error() {
+        let mut parser = SseParser::default();
+        let mut out = VecDeque::new();
+        assert!(parser.feed(b"data: \xff\n", &mut out).is_err());
+    }
+}
