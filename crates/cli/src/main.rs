@@ -1,7 +1,9 @@
 //! `factline`: the command-line tool and server binary.
 //!
-//! Exit codes: 0 success, 1 failure, 2 usage error (clap).
+//! Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 conflict (a wrong expected
+//! version or an idempotency conflict: reload and decide again), 4 stream not found.
 
+mod commands;
 mod serve;
 
 use std::process::ExitCode;
@@ -21,6 +23,23 @@ struct Cli {
 enum Command {
     /// Run the HTTP/JSON API server (SSE subscriptions, metrics) on an embedded data directory.
     Serve(serve::ServeArgs),
+    /// Append events to a stream (one from --type/--data, or many from --file).
+    Append(commands::AppendArgs),
+    /// Print a stream's events.
+    Read(commands::ReadArgs),
+    /// Print the events of $all, the global log, optionally filtered.
+    ReadAll(commands::ReadAllArgs),
+    /// Follow a stream or $all live (catch-up from --from, then new events as they commit).
+    Tail(commands::TailArgs),
+    /// Soft-delete a stream, or tombstone it with --hard.
+    Delete(commands::DeleteArgs),
+    /// Read or replace a stream's retention settings.
+    #[command(subcommand)]
+    Metadata(commands::MetadataCommand),
+    /// Write $all as NDJSON (the API's event shape, or CloudEvents).
+    Export(commands::ExportArgs),
+    /// Append the events of an export, keeping their streams, ids and revisions.
+    Import(commands::ImportArgs),
     /// Print the limits every store enforces by default.
     Limits {
         /// Print JSON instead of a table.
@@ -50,9 +69,19 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(commands::exit_code(&error))
         }
     }
+}
+
+/// Runs a store command on a runtime of its own.
+fn block_on(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(future)
 }
 
 #[allow(clippy::print_stdout)]
@@ -76,6 +105,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Verify { data, json } => verify(&data, json)?,
         Command::Serve(args) => serve::run(args)?,
+        Command::Append(args) => block_on(commands::append(args))?,
+        Command::Read(args) => block_on(commands::read(args))?,
+        Command::ReadAll(args) => block_on(commands::read_all(args))?,
+        Command::Tail(args) => block_on(commands::tail(args))?,
+        Command::Delete(args) => block_on(commands::delete(args))?,
+        Command::Metadata(command) => block_on(commands::metadata(command))?,
+        Command::Export(args) => block_on(commands::export(args))?,
+        Command::Import(args) => block_on(commands::import(args))?,
     }
     Ok(())
 }
@@ -121,4 +158,13 @@ fn verify(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
 }

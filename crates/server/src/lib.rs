@@ -280,6 +280,28 @@ fn router(
     api::routes(state)
 }
 
+/// `event` in the API's JSON shape, as reads and subscriptions answer it (`{"id", "stream",
+/// "type", "revision", "position", "recorded_at", "content_type", "data", ...}`).
+pub fn event_to_json(event: &factline_core::RecordedEvent) -> serde_json::Value {
+    serde_json::to_value(json::EventJson::from(event)).unwrap_or(serde_json::Value::Null)
+}
+
+/// A recorded event from the API's JSON shape (what [`event_to_json`] writes); `Err` says what
+/// is wrong.
+pub fn event_from_json(text: &str) -> Result<factline_core::RecordedEvent, String> {
+    let json: json::EventJson = serde_json::from_str(text).map_err(|error| error.to_string())?;
+    json.into_recorded()
+}
+
+/// An event to append from the API's JSON shape (`{"id"?, "type", "data" | "data_base64",
+/// "content_type"?, "metadata"?}`); `Err` says what is wrong.
+pub fn new_event_from_json(text: &str) -> Result<factline_core::EventData, String> {
+    let event: json::NewEvent = serde_json::from_str(text).map_err(|error| error.to_string())?;
+    event
+        .into_event_data(0)
+        .map_err(|error| error.body().message)
+}
+
 /// The OpenAPI 3 document of the API, as served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api::openapi()
