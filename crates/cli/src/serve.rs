@@ -93,7 +93,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for repair in &report.repairs {
         tracing::warn!(
             ?repair,
-            "repaired while opening (nothing acknowledged was lost)"
+            "repaired while opening: what was cut was never acknowledged, provided the disk \
+             kept what fdatasync reported as synced (run `factline verify` if in doubt)"
         );
     }
     let server = Server::bind(Arc::new(store.clone()), options).await?;

@@ -34,6 +34,7 @@ mod error;
 mod json;
 mod metrics;
 mod sse;
+mod ui;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -277,7 +278,8 @@ fn router(
         options: Arc::new(options),
         shutdown,
     };
-    api::routes(state)
+    let ui = ui::routes(state.clone());
+    api::routes(state).merge(ui)
 }
 
 /// `event` in the API's JSON shape, as reads and subscriptions answer it (`{"id", "stream",

@@ -1,0 +1,471 @@
+//! The web UI: server-rendered HTML pages over the same store, with the assets embedded in the
+//! binary (no CDN, nothing fetched at run time).
+//!
+//! - `/` — recently active streams (from the newest events of `$all`), a search by stream-id
+//!   prefix, the head position and the open subscriptions;
+//! - `/ui/streams/{stream}` — a stream's events, newest first, with pretty-printed JSON, its
+//!   metadata and paging;
+//! - `/ui/all` — a page of `$all`, filtered like the API;
+//! - `/ui/tail` — a live tail of `$all` or one stream over the API's SSE endpoints
+//!   (`?stream=`, `?from=start|end`, `?limit=N` to stop after N events).
+//!
+//! Every value from the store goes through `maud`'s escaping; the one script (`/ui/app.js`)
+//! writes events into the page with `textContent` only. Pages answer with a strict
+//! Content-Security-Policy (`default-src 'self'`), so nothing but our own assets can load.
+//! With auth on, pages take the same bearer token as the API (`Authorization` header).
+
+use std::collections::BTreeSet;
+
+use axum::{
+    Router,
+    extract::{Path, Query, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use factline_core::{
+    ContentType, EventFilter, EventStore, Position, ReadAllOptions, ReadStreamError,
+    ReadStreamOptions, RecordedEvent, Revision, StreamId,
+};
+use maud::{DOCTYPE, Markup, html};
+use serde::Deserialize;
+
+use crate::{AppState, auth::Caller};
+
+/// Events of `$all` the stream list looks through.
+const RECENT_EVENTS_SCANNED: usize = 10_000;
+/// Streams the list shows at most.
+const STREAMS_LISTED_MAX: usize = 200;
+/// Events per page of the stream and `$all` pages.
+const PAGE_EVENTS: usize = 50;
+/// Payloads longer than this are cut in the page (the API serves them whole).
+const PAYLOAD_SHOWN_BYTES_MAX: usize = 16 * 1024;
+
+const STYLE: &str = include_str!("ui/app.css");
+const SCRIPT: &str = include_str!("ui/app.js");
+
+pub(crate) fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/ui/streams/{stream}", get(stream_page))
+        .route("/ui/all", get(all_page))
+        .route("/ui/tail", get(tail_page))
+        .route("/ui/app.css", get(|| async { asset(STYLE, "text/css") }))
+        .route(
+            "/ui/app.js",
+            get(|| async { asset(SCRIPT, "text/javascript") }),
+        )
+        .with_state(state)
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A full page with the security headers.
+fn page(title: &str, body: Markup) -> Response {
+    let markup = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · factline" }
+                link rel="stylesheet" href="/ui/app.css";
+            }
+            body {
+                header {
+                    a.brand href="/" { "factline" }
+                    nav {
+                        a href="/" { "Streams" }
+                        a href="/ui/all" { "$all" }
+                        a href="/ui/tail" { "Live tail" }
+                        a href="/openapi.json" { "API" }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    };
+    let mut response = markup.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; object-src 'none'; base-uri 'none'"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+fn error_page(status: StatusCode, message: &str) -> Response {
+    let mut response = page("error", html! { h1 { "Error" } p.error { (message) } });
+    *response.status_mut() = status;
+    response
+}
+
+fn stream_link(stream: &StreamId) -> String {
+    let mut url = String::from("/ui/streams/");
+    for byte in stream.as_str().bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            url.push(char::from(byte));
+        } else {
+            url.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    url
+}
+
+/// The payload as shown: pretty JSON, or a note for binary data.
+fn payload(event: &RecordedEvent) -> String {
+    let shown = &event.data[..event.data.len().min(PAYLOAD_SHOWN_BYTES_MAX)];
+    let cut = event.data.len() > shown.len();
+    let text = match event.content_type {
+        ContentType::Json if !cut => serde_json::from_slice::<serde_json::Value>(shown)
+            .ok()
+            .and_then(|value| serde_json::to_string_pretty(&value).ok()),
+        _ => None,
+    };
+    match text {
+        Some(text) => text,
+        None if event.content_type == ContentType::Json => {
+            let text = String::from_utf8_lossy(shown).into_owned();
+            if cut {
+                format!("{text}… ({} bytes in all)", event.data.len())
+            } else {
+                text
+            }
+        }
+        None => format!("<{} bytes of binary data>", event.data.len()),
+    }
+}
+
+fn events_table(events: &[RecordedEvent], show_stream: bool) -> Markup {
+    html! {
+        table.events {
+            thead {
+                tr {
+                    th { "position" }
+                    @if show_stream { th { "stream" } }
+                    th { "revision" }
+                    th { "type" }
+                    th { "recorded" }
+                    th { "data" }
+                }
+            }
+            tbody {
+                @for event in events {
+                    tr {
+                        td.num { (event.position.value()) }
+                        @if show_stream {
+                            td { a href=(stream_link(&event.stream)) { (event.stream.as_str()) } }
+                        }
+                        td.num { (event.revision.value()) }
+                        td { (event.event_type.as_str()) }
+                        td.time { (event.recorded_at.to_rfc3339()) }
+                        td {
+                            pre { (payload(event)) }
+                            @if !event.metadata.is_empty() {
+                                details {
+                                    summary { "metadata" }
+                                    dl {
+                                        @for (key, value) in event.metadata.iter() {
+                                            dt { (key) } dd { (value) }
+                                        }
+                                    }
+                                }
+                            }
+                            small.id { (event.id.to_string()) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct HomeQuery {
+    /// Stream-id prefix to search for.
+    q: Option<String>,
+}
+
+/// The distinct streams of the newest `$all` events (matching `prefix`), newest first.
+async fn recent_streams(
+    store: &dyn EventStore,
+    prefix: Option<&str>,
+) -> Result<Vec<(StreamId, Position)>, String> {
+    let mut filter = EventFilter::all();
+    filter.stream_prefix = prefix.map(str::to_owned);
+    let mut options = ReadAllOptions::backwards().limit(1_000).filter(filter);
+    let mut seen = BTreeSet::new();
+    let mut streams = Vec::new();
+    let mut scanned = 0;
+    while scanned < RECENT_EVENTS_SCANNED && streams.len() < STREAMS_LISTED_MAX {
+        let page = store
+            .read_all(options.clone())
+            .await
+            .map_err(|error| error.to_string())?;
+        scanned += page.events.len();
+        for event in &page.events {
+            if seen.insert(event.stream.clone()) && streams.len() < STREAMS_LISTED_MAX {
+                streams.push((event.stream.clone(), event.position));
+            }
+        }
+        if page.is_end || page.events.is_empty() {
+            break;
+        }
+        options = options.from(page.next_position);
+    }
+    Ok(streams)
+}
+
+async fn home(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<HomeQuery>,
+) -> Response {
+    let prefix = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let mut filter = EventFilter::all();
+    filter.stream_prefix = prefix.map(str::to_owned);
+    if caller.require_read_all(&filter).is_err() {
+        return error_page(StatusCode::FORBIDDEN, "this token may not read $all");
+    }
+    let head = state.store.head_position().await.ok().flatten();
+    let streams = match recent_streams(&*state.store, prefix).await {
+        Ok(streams) => streams,
+        Err(error) => return error_page(StatusCode::SERVICE_UNAVAILABLE, &error),
+    };
+    let subscribers = state.options.subscribers_max - state.subscribers.available_permits();
+    page(
+        "streams",
+        html! {
+            h1 { "Streams" }
+            p.facts {
+                "head position: " strong { (head.map_or_else(|| "none (empty log)".to_owned(), |p| p.value().to_string())) }
+                " · open SSE subscriptions: " strong #subscribers { (subscribers) }
+                " · persistent subscriptions and projections: none (not built yet)"
+            }
+            form.search method="get" action="/" {
+                input type="search" name="q" placeholder="stream id prefix, e.g. order-" value=(prefix.unwrap_or(""));
+                button type="submit" { "Search" }
+            }
+            @if streams.is_empty() {
+                p.empty { "No streams" @if let Some(prefix) = prefix { " starting with " code { (prefix) } } "." }
+            } @else {
+                p.note { "Streams with events among the newest " (RECENT_EVENTS_SCANNED) " of $all, most recent first." }
+                table.streams {
+                    thead { tr { th { "stream" } th { "category" } th { "last position" } } }
+                    tbody {
+                        @for (stream, position) in &streams {
+                            tr {
+                                td { a href=(stream_link(stream)) { (stream.as_str()) } }
+                                td { (stream.category()) }
+                                td.num { (position.value()) }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    /// Where the page starts (a revision or a position).
+    from: Option<u64>,
+    prefix: Option<String>,
+    category: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+}
+
+async fn stream_page(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(stream): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    let stream = match StreamId::new(&stream) {
+        Ok(stream) => stream,
+        Err(error) => return error_page(StatusCode::BAD_REQUEST, &error.to_string()),
+    };
+    if caller.require_read(stream.as_str()).is_err() {
+        return error_page(StatusCode::FORBIDDEN, "this token may not read this stream");
+    }
+    let mut options = ReadStreamOptions::backwards().limit(PAGE_EVENTS);
+    if let Some(from) = query.from {
+        options = options.from(Revision(from));
+    }
+    let slice = match state.store.read_stream(&stream, options).await {
+        Ok(slice) => slice,
+        Err(ReadStreamError::NotFound { .. }) => {
+            return error_page(
+                StatusCode::NOT_FOUND,
+                &format!("stream {stream} has no visible events"),
+            );
+        }
+        Err(error) => return error_page(StatusCode::GONE, &error.to_string()),
+    };
+    let metadata = state.store.stream_metadata(&stream).await.ok();
+    let tail_link = format!(
+        "/ui/tail?stream={}",
+        &stream_link(&stream)["/ui/streams/".len()..]
+    );
+    page(
+        stream.as_str(),
+        html! {
+            h1 { "Stream " code { (stream.as_str()) } }
+            p.facts {
+                "category " code { (stream.category()) }
+                " · last revision " strong { (slice.last_revision.value()) }
+                " · " a href=(tail_link) { "live tail" }
+            }
+            @if let Some(metadata) = metadata {
+                table.metadata {
+                    tr { th { "max_count" } td { (metadata.max_count.map_or("—".to_owned(), |n| n.to_string())) } }
+                    tr { th { "max_age" } td { (metadata.max_age.map_or("—".to_owned(), |age| format!("{} s", age.as_secs()))) } }
+                    tr { th { "truncate_before" } td { (metadata.truncate_before.map_or("—".to_owned(), |r| r.value().to_string())) } }
+                }
+            }
+            (events_table(&slice.events, false))
+            @if !slice.is_end {
+                p.paging { a href=(format!("{}?from={}", stream_link(&stream), slice.next_revision.value())) { "older events →" } }
+            }
+        },
+    )
+}
+
+async fn all_page(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    let mut filter = EventFilter::all();
+    filter.stream_prefix = query.prefix.clone().filter(|s| !s.is_empty());
+    filter.category = query.category.clone().filter(|s| !s.is_empty());
+    filter.event_type_prefix = query.event_type.clone().filter(|s| !s.is_empty());
+    if caller.require_read_all(&filter).is_err() {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "this token may not read $all with this filter",
+        );
+    }
+    let mut options = ReadAllOptions::backwards()
+        .limit(PAGE_EVENTS)
+        .filter(filter.clone());
+    if let Some(from) = query.from {
+        options = options.from(Position(from));
+    }
+    let slice = match state.store.read_all(options).await {
+        Ok(slice) => slice,
+        Err(error) => return error_page(StatusCode::BAD_REQUEST, &error.to_string()),
+    };
+    let mut next = format!("/ui/all?from={}", slice.next_position.value());
+    for (key, value) in [
+        ("prefix", &filter.stream_prefix),
+        ("category", &filter.category),
+        ("type", &filter.event_type_prefix),
+    ] {
+        if let Some(value) = value {
+            next.push_str(&format!("&{key}={}", percent(value)));
+        }
+    }
+    page(
+        "$all",
+        html! {
+            h1 { "$all" }
+            form.search method="get" action="/ui/all" {
+                input type="search" name="prefix" placeholder="stream prefix" value=(filter.stream_prefix.as_deref().unwrap_or(""));
+                input type="search" name="category" placeholder="category" value=(filter.category.as_deref().unwrap_or(""));
+                input type="search" name="type" placeholder="event type prefix" value=(filter.event_type_prefix.as_deref().unwrap_or(""));
+                button type="submit" { "Filter" }
+            }
+            (events_table(&slice.events, true))
+            @if !slice.is_end {
+                p.paging { a href=(next) { "older events →" } }
+            }
+        },
+    )
+}
+
+fn percent(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct TailQuery {
+    stream: Option<String>,
+    from: Option<String>,
+    /// Stop after this many events (default: follow until the page is closed).
+    limit: Option<u32>,
+}
+
+async fn tail_page(caller: Caller, Query(query): Query<TailQuery>) -> Response {
+    let stream = match query.stream.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(text) => match StreamId::new(text) {
+            Ok(stream) => Some(stream),
+            Err(error) => return error_page(StatusCode::BAD_REQUEST, &error.to_string()),
+        },
+    };
+    let allowed = match &stream {
+        Some(stream) => caller.require_read(stream.as_str()).is_ok(),
+        None => caller.require_read_all(&EventFilter::all()).is_ok(),
+    };
+    if !allowed {
+        return error_page(StatusCode::FORBIDDEN, "this token may not read this");
+    }
+    let from = match query.from.as_deref() {
+        Some("start") => "start",
+        _ => "end",
+    };
+    let source = match &stream {
+        Some(stream) => format!(
+            "/streams/{}/subscribe?from={from}",
+            percent(stream.as_str())
+        ),
+        None => format!("/all/subscribe?from={from}"),
+    };
+    page(
+        "live tail",
+        html! {
+            h1 {
+                "Live tail of "
+                @match &stream { Some(stream) => code { (stream.as_str()) }, None => "$all" }
+            }
+            p.facts {
+                "status: " strong #tail-status { "connecting…" }
+                " · events: " strong #tail-count { "0" }
+                " · " a href=(format!("/ui/tail?from=start{}", stream.as_ref().map_or(String::new(), |s| format!("&stream={}", percent(s.as_str()))))) { "from the start" }
+            }
+            table.events #tail data-source=(source) data-limit=(query.limit.unwrap_or(0)) {
+                thead { tr { th { "position" } th { "stream" } th { "revision" } th { "type" } th { "recorded" } th { "data" } } }
+                tbody {}
+            }
+            script src="/ui/app.js" {}
+        },
+    )
+}
