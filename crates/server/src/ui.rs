@@ -118,15 +118,7 @@ fn error_page(status: StatusCode, message: &str) -> Response {
 }
 
 fn stream_link(stream: &StreamId) -> String {
-    let mut url = String::from("/ui/streams/");
-    for byte in stream.as_str().bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            url.push(char::from(byte));
-        } else {
-            url.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    url
+    format!("/ui/streams/{}", percent(stream.as_str()))
 }
 
 /// The payload as shown: pretty JSON, or a note for binary data.
@@ -403,6 +395,7 @@ async fn all_page(
     )
 }
 
+/// `text` percent-encoded for a URL path segment or query value (unreserved bytes kept).
 fn percent(text: &str) -> String {
     let mut out = String::new();
     for byte in text.bytes() {
