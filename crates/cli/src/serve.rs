@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use factline_log::{DiskStorage, LogOptions, LogStore};
-use factline_server::{AuthConfig, Server, ServerOptions};
+use factline_server::{AuthConfig, Server, ServerOptions, TlsConfig};
 
 /// Options of `factline serve`.
 #[derive(Debug, clap::Args)]
@@ -25,6 +25,12 @@ pub(crate) struct ServeArgs {
     /// Allow listening on a non-loopback address without --auth.
     #[arg(long)]
     insecure: bool,
+    /// Serve HTTPS: PEM file with the certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key", env = "FACTLINE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Serve HTTPS: PEM file with the private key (with --tls-cert).
+    #[arg(long, requires = "tls_cert", env = "FACTLINE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     body_bytes_max: usize,
@@ -85,6 +91,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.auth {
         options = options.auth(AuthConfig::load(path)?);
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        options = options.tls(TlsConfig::new(cert, key));
+    }
     let mut log_options = LogOptions::default();
     log_options.verify_on_open = args.verify_on_open;
     let (store, report) = LogStore::open_with(Arc::new(DiskStorage), &args.data, log_options)
@@ -103,7 +112,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data = %args.data.display(),
         events = report.events,
         auth = args.auth.is_some(),
-        "factline is serving: the API at http://{} (OpenAPI document at /openapi.json)",
+        "factline is serving: the web UI and API at {}://{} (OpenAPI document at /openapi.json)",
+        if args.tls_cert.is_some() { "https" } else { "http" },
         server.local_addr()
     );
     server.run(shutdown_signal()).await?;

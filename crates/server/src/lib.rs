@@ -34,6 +34,7 @@ mod error;
 mod json;
 mod metrics;
 mod sse;
+mod tls;
 mod ui;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -47,6 +48,7 @@ impl<T: EventStore + SnapshotStore + 'static> Store for T {}
 
 pub use auth::{AuthConfig, AuthConfigError, TOKEN_BYTES_MIN, TOKENS_MAX, TokenConfig};
 pub use error::ErrorCode;
+pub use tls::{TlsConfig, TlsConfigError};
 
 /// How the server listens and the limits it keeps.
 #[derive(Debug, Clone)]
@@ -67,6 +69,8 @@ pub struct ServerOptions {
     pub sse_keep_alive_ms: u64,
     /// Events per page of a read when the request gives no `limit`. Default 100.
     pub read_limit_default: usize,
+    /// Serve HTTPS with this certificate and key (rustls) instead of plain HTTP.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +83,7 @@ impl Default for ServerOptions {
             subscribers_max: 1024,
             sse_keep_alive_ms: 15_000,
             read_limit_default: 100,
+            tls: None,
         }
     }
 }
@@ -119,6 +124,13 @@ impl ServerOptions {
         self
     }
 
+    /// Serves HTTPS with `tls`.
+    #[must_use]
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Sets the SSE keep-alive interval.
     #[must_use]
     pub fn sse_keep_alive_ms(mut self, sse_keep_alive_ms: u64) -> Self {
@@ -148,6 +160,9 @@ pub enum ServeError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The TLS certificate or key was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
     /// Binding the address failed.
     #[error("cannot listen on {listen}: {source}")]
     Bind {
@@ -185,6 +200,7 @@ impl std::fmt::Debug for AppState {
 #[derive(Debug)]
 pub struct Server {
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
     shutdown: Arc<watch::Sender<bool>>,
 }
@@ -211,6 +227,7 @@ impl Server {
                 reason: "must be in 1..=read_count_max",
             });
         }
+        let tls = options.tls.as_ref().map(TlsConfig::load).transpose()?;
         let listen = options.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -219,6 +236,7 @@ impl Server {
         let router = router(store, options, Arc::clone(&shutdown));
         Ok(Self {
             listener,
+            tls,
             router,
             shutdown,
         })
@@ -239,21 +257,31 @@ impl Server {
     ) -> Result<(), ServeError> {
         let Self {
             listener,
+            tls,
             router,
             shutdown: stop,
         } = self;
         let address = listener.local_addr()?;
-        tracing::info!(%address, "factline server listening");
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
+        let graceful = async move {
             shutdown.await;
             tracing::info!("shutting down: no new requests; ending subscriptions");
             stop.send_replace(true);
-        })
-        .await?;
+        };
+        match tls {
+            None => {
+                tracing::info!(%address, "factline server listening (http)");
+                axum::serve(listener, router.into_make_service())
+                    .with_graceful_shutdown(graceful)
+                    .await?;
+            }
+            Some(config) => {
+                tracing::info!(%address, "factline server listening (https)");
+                let listener = tls::TlsListener::new(listener, config)?;
+                axum::serve(listener, router.into_make_service())
+                    .with_graceful_shutdown(graceful)
+                    .await?;
+            }
+        }
         Ok(())
     }
 }
