@@ -306,7 +306,7 @@ impl EventStore for InMemoryStore {
             }
             Direction::Backwards => {
                 // `cursor` is one past the next candidate, so 0 means the start was reached.
-                let mut cursor = options.from.map_or(len, |p| (p.0 + 1).min(len));
+                let mut cursor = options.from.map_or(len, |p| p.0.saturating_add(1).min(len));
                 while cursor > 0 && events.len() < options.limit {
                     let event = &log[(cursor - 1) as usize];
                     if options.filter.matches_event(event) {

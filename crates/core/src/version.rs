@@ -20,10 +20,11 @@ impl Revision {
         self.0
     }
 
-    /// The revision after this one.
+    /// The revision after this one (`u64::MAX` stays: no stream gets that far, and a request
+    /// naming it must not overflow).
     #[must_use]
     pub const fn next(self) -> Self {
-        Self(self.0 + 1)
+        Self(self.0.saturating_add(1))
     }
 }
 
@@ -50,10 +51,11 @@ impl Position {
         self.0
     }
 
-    /// The position after this one.
+    /// The position after this one (`u64::MAX` stays: no log gets that far, and a request
+    /// naming it must not overflow).
     #[must_use]
     pub const fn next(self) -> Self {
-        Self(self.0 + 1)
+        Self(self.0.saturating_add(1))
     }
 }
 

@@ -501,7 +501,7 @@ impl EventStore for LogStore {
                 })
             }
             Direction::Backwards => {
-                let mut cursor = options.from.map_or(len, |p| (p.0 + 1).min(len));
+                let mut cursor = options.from.map_or(len, |p| p.0.saturating_add(1).min(len));
                 let mut events = Vec::new();
                 let batch = 256u64;
                 while cursor > 0 && events.len() < options.limit {

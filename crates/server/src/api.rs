@@ -5,7 +5,7 @@
 //! `utoipa` from the `#[utoipa::path]` attribute on each handler, and the router is built from
 //! the same list (`utoipa_axum::routes!`), so a route cannot exist without its documentation.
 
-use std::{sync::Arc, time::Instant};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
@@ -22,6 +22,7 @@ use factline_core::{
     AppendRequest, DeleteMode, Direction, EventData, EventFilter, ExpectedVersion, Metadata,
     Position, ReadAllOptions, ReadStreamOptions, Revision, StreamId, SubscribeFrom,
 };
+use futures::FutureExt as _;
 use serde::Deserialize;
 use tracing::Instrument as _;
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
@@ -96,7 +97,63 @@ fn documented_routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document.
 pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
-    documented_routes().into_openapi()
+    let mut doc = documented_routes().into_openapi();
+    document_rules(&mut doc);
+    doc
+}
+
+/// Adds to the generated document the rules the handlers check that the derives cannot say, so
+/// that a client (or a fuzzer) generating from the document sends what the server takes: the
+/// `{stream}` path parameter and the `Expected-Version` header of every operation (in one place,
+/// not in each handler's attribute), which of `data` and `data_base64` an event takes, and that
+/// `POST /streams/{stream}` takes one event or a non-empty array.
+fn document_rules(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ObjectBuilder, Type, path::ParameterIn};
+    if let Some(schemas) = doc
+        .components
+        .as_mut()
+        .map(|components| &mut components.schemas)
+        && let Some(derived) = schemas.remove("NewEvent")
+    {
+        schemas.insert(
+            "NewEvent".to_owned(),
+            crate::json::new_event_schema(derived).into(),
+        );
+    }
+    if let Some(body) = doc
+        .paths
+        .paths
+        .get_mut("/streams/{stream}")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.request_body.as_mut())
+        .and_then(|body| body.content.get_mut("application/json"))
+    {
+        body.schema = Some(crate::json::events_body_schema().into());
+    }
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                match (&parameter.parameter_in, parameter.name.as_str()) {
+                    (ParameterIn::Path, "stream") => {
+                        parameter.schema = Some(crate::json::stream_id_schema().into());
+                    }
+                    (ParameterIn::Header, "Expected-Version") => {
+                        let schema = ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .pattern(Some("^(any|no-stream|exists|[0-9]+)$"));
+                        parameter.schema = Some(schema.build().into());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 pub(crate) fn routes(state: AppState) -> Router {
@@ -130,7 +187,15 @@ async fn track(request: Request, next: Next) -> Response {
         route = %route,
         correlation_id = correlation_id.as_deref(),
     );
-    let response = next.run(request).instrument(span.clone()).await;
+    // A panicking handler would otherwise drop the connection without an answer; it is a bug,
+    // so it answers `500 internal` like any other (the panic itself is logged by the hook).
+    let response = AssertUnwindSafe(next.run(request).instrument(span.clone()))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            ApiError::new(ErrorCode::Internal, "the request handler panicked (a bug)")
+                .into_response()
+        });
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     metrics::http_request(&method, &route, status, elapsed);
@@ -273,6 +338,16 @@ impl From<DirectionParam> for Direction {
             DirectionParam::Forwards => Self::Forwards,
             DirectionParam::Backwards => Self::Backwards,
         }
+    }
+}
+
+/// Where a read starts. `from` is inclusive, and no event can be at `u64::MAX` (the one after
+/// it would have no number), so a backwards read from there is a read from the end: the store
+/// is not asked for the event after `u64::MAX`, which overflows.
+fn read_from(from: Option<u64>, direction: Direction) -> Option<u64> {
+    match direction {
+        Direction::Backwards => from.filter(|&from| from != u64::MAX),
+        Direction::Forwards => from,
     }
 }
 
@@ -461,9 +536,10 @@ async fn read_stream(
     let stream = stream_id(path)?;
     caller.require_read(stream.as_str())?;
     let params = query(params)?;
+    let direction = params.direction.unwrap_or_default().into();
     let options = ReadStreamOptions {
-        direction: params.direction.unwrap_or_default().into(),
-        from: params.from.map(Revision),
+        direction,
+        from: read_from(params.from, direction).map(Revision),
         limit: params.limit.unwrap_or(state.options.read_limit_default),
     };
     let slice = state.store.read_stream(&stream, options).await?;
@@ -747,9 +823,10 @@ async fn read_all(
     let params = query(params)?;
     let filter = filter_of(params.prefix, params.category, params.event_type);
     caller.require_read_all(&filter)?;
+    let direction = params.direction.unwrap_or_default().into();
     let options = ReadAllOptions {
-        direction: params.direction.unwrap_or_default().into(),
-        from: params.from.map(Position),
+        direction,
+        from: read_from(params.from, direction).map(Position),
         limit: params.limit.unwrap_or(state.options.read_limit_default),
         filter,
     };
@@ -787,12 +864,15 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
     if text.is_empty() {
         return Ok(None);
     }
-    text.parse::<u64>().map(|p| Some(Position(p))).map_err(|_| {
-        ApiError::new(
+    // No event is at u64::MAX (the one after it would have no number), and resuming after it
+    // would overflow.
+    match text.parse::<u64>() {
+        Ok(position) if position < u64::MAX => Ok(Some(Position(position))),
+        _ => Err(ApiError::new(
             ErrorCode::InvalidLastEventId,
             format!("Last-Event-ID {text:?} is not a position (the id: of an event sent)"),
-        )
-    })
+        )),
+    }
 }
 
 fn subscriber_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {

@@ -4,14 +4,101 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use factline_core::{
-    AppendResult, ContentType, EventData, Limits, Metadata, RecordedEvent, Revision, Snapshot,
-    StreamId, StreamMetadata, Timestamp, Uuid,
+    AppendResult, ContentType, EventData, Limits, Metadata, RecordedEvent, Revision,
+    STREAM_ID_BYTES_MAX, Snapshot, StreamId, StreamMetadata, Timestamp, Uuid,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use utoipa::ToSchema;
+use utoipa::{
+    ToSchema,
+    openapi::{
+        AllOfBuilder, ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, RefOr, Schema, Type,
+        schema::SchemaType,
+    },
+};
 
 use crate::error::{ApiError, ErrorCode};
+
+/// What `StreamId::new` checks, as a JSON Schema pattern: no control character (Unicode `Cc`,
+/// what `char::is_control` means) and no leading `$`.
+const STREAM_ID_PATTERN: &str =
+    "^[^$\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$";
+
+/// The rules of a stream id as a JSON Schema, for every place the API takes one. `maxLength`
+/// counts characters where the rule counts UTF-8 bytes (255), so an id of multi-byte
+/// characters can fit the schema and still be refused with `invalid_stream_id`.
+pub(crate) fn stream_id_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(STREAM_ID_BYTES_MAX))
+        .pattern(Some(STREAM_ID_PATTERN))
+        .build()
+}
+
+/// Base64 as the `STANDARD` engine decodes it: the standard alphabet, padded, and the unused
+/// bits of the last character zero.
+const BASE64_PATTERN: &str =
+    "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
+
+/// A base64 string (`data_base64`, `state_base64`).
+fn base64_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(BASE64_PATTERN))
+        .content_encoding("base64")
+        .build()
+}
+
+/// The `NewEvent` schema with what [`NewEvent::into_event_data`] checks beyond the fields'
+/// types (`derived` is the schema the derive makes of the fields): either `data` (without
+/// `content_type`) or `data_base64` (with an optional `content_type` of the two it takes).
+pub(crate) fn new_event_schema(derived: RefOr<Schema>) -> Schema {
+    let null = || ObjectBuilder::new().schema_type(Type::Null);
+    let json_payload = ObjectBuilder::new()
+        .required("data")
+        .property("data_base64", null())
+        .property("content_type", null());
+    let base64_payload = ObjectBuilder::new()
+        .required("data_base64")
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some([
+                    "id",
+                    "type",
+                    "data_base64",
+                    "content_type",
+                    "metadata",
+                ])),
+        ))
+        .property("data_base64", base64_schema())
+        .property(
+            "content_type",
+            ObjectBuilder::new()
+                .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+                .enum_values(Some([
+                    serde_json::json!("application/octet-stream"),
+                    serde_json::json!("application/json"),
+                    serde_json::Value::Null,
+                ])),
+        );
+    AllOfBuilder::new()
+        .item(derived)
+        .item(OneOfBuilder::new().item(json_payload).item(base64_payload))
+        .build()
+        .into()
+}
+
+/// The body of `POST /streams/{stream}`: one event, or an array of at least one.
+pub(crate) fn events_body_schema() -> Schema {
+    let event = || RefOr::Ref(utoipa::openapi::Ref::from_schema_name("NewEvent"));
+    OneOfBuilder::new()
+        .item(event())
+        .item(ArrayBuilder::new().items(event()).min_items(Some(1)))
+        .build()
+        .into()
+}
 
 /// An event to append.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -22,7 +109,11 @@ pub(crate) struct NewEvent {
     pub(crate) id: Option<Uuid>,
     /// The event type, a past-tense name such as `OrderPlaced`.
     #[serde(rename = "type")]
-    #[schema(min_length = 1, max_length = 255)]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"
+    )]
     pub(crate) event_type: String,
     /// The payload: any JSON value, stored byte for byte as sent. Give `data` or `data_base64`.
     #[serde(
@@ -215,12 +306,18 @@ impl From<AppendResult> for AppendResponse {
 #[serde(deny_unknown_fields)]
 pub(crate) struct StreamAppend {
     /// The stream.
+    #[schema(schema_with = stream_id_schema)]
     pub(crate) stream: String,
     /// `any` (default), `no-stream`, `exists` or a revision number.
     #[serde(default)]
-    #[schema(value_type = Option<String>, example = "no-stream")]
+    #[schema(
+        value_type = Option<String>,
+        example = "no-stream",
+        pattern = "^(any|no-stream|exists|[0-9]+)$"
+    )]
     pub(crate) expected_version: Option<serde_json::Value>,
     /// The events, in order.
+    #[schema(min_items = 1)]
     pub(crate) events: Vec<NewEvent>,
 }
 
@@ -229,6 +326,7 @@ pub(crate) struct StreamAppend {
 #[serde(deny_unknown_fields)]
 pub(crate) struct MultiAppend {
     /// The streams, each with its condition and events.
+    #[schema(min_items = 1)]
     pub(crate) streams: Vec<StreamAppend>,
 }
 
@@ -438,6 +536,7 @@ pub(crate) struct SnapshotJson {
     #[serde(default)]
     pub(crate) state_version: u32,
     /// The encoded state, base64 (standard alphabet, padded).
+    #[schema(schema_with = base64_schema)]
     pub(crate) state_base64: String,
     /// When it was taken (RFC 3339); the server's clock when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1013,3 +1013,131 @@ async fn json_labelled_bytes_keep_their_label_through_base64() {
     );
     server.stop().await;
 }
+
+/// The stores the server runs on in `factline serve` (the embedded log) and in most tests.
+async fn memory_and_log_stores() -> Vec<(&'static str, Arc<dyn factline_server::Store>)> {
+    let (log, _) = factline_log::LogStore::open_with(
+        Arc::new(factline_log::faulty::FaultyStorage::new()),
+        std::path::Path::new("/data"),
+        factline_log::LogOptions::default(),
+    )
+    .await
+    .unwrap();
+    vec![
+        ("memory", Arc::new(InMemoryStore::new())),
+        ("log", Arc::new(log)),
+    ]
+}
+
+/// `from=18446744073709551615` (u64::MAX, a value the documented parameters take) on a backwards
+/// read, and `Last-Event-ID: 18446744073709551615`, reached the store as "the position after
+/// u64::MAX": the handler panicked on the overflow and the connection closed without an answer.
+#[tokio::test]
+async fn the_largest_from_and_last_event_id_are_answered_not_overflowed() {
+    let max = u64::MAX;
+    for (name, store) in memory_and_log_stores().await {
+        let server = TestServer::start(store, ServerOptions::default()).await;
+        let (status, _) = server
+            .append(
+                "edge-1",
+                None,
+                json!([event("Noted", json!(0)), event("Noted", json!(1))]),
+            )
+            .await;
+        assert_eq!(status, 201, "{name}");
+
+        // Backwards from the largest number is backwards from the end.
+        let (status, page) = server
+            .get(&format!("/all?from={max}&direction=backwards"))
+            .await;
+        assert_eq!(status, 200, "{name}: {page}");
+        let positions: Vec<&Value> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|event| &event["position"])
+            .collect();
+        assert_eq!(positions, [&json!(1), &json!(0)], "{name}: {page}");
+        assert_eq!(page["is_end"], true, "{name}: {page}");
+        let (status, page) = server
+            .get(&format!("/streams/edge-1?from={max}&direction=backwards"))
+            .await;
+        assert_eq!(status, 200, "{name}: {page}");
+        assert_eq!(
+            page["events"].as_array().unwrap().len(),
+            2,
+            "{name}: {page}"
+        );
+        assert_eq!(page["events"][0]["revision"], 1, "{name}: {page}");
+        // Forwards from it is past the end.
+        let (status, page) = server.get(&format!("/all?from={max}")).await;
+        assert_eq!(status, 200, "{name}: {page}");
+        assert_eq!(page["events"], json!([]), "{name}: {page}");
+        assert_eq!(page["is_end"], true, "{name}: {page}");
+
+        // No event is at u64::MAX, so no subscription can resume after it.
+        for path in ["/all/subscribe", "/streams/edge-1/subscribe"] {
+            let response = server
+                .client
+                .get(server.url(path))
+                .header("Last-Event-ID", max.to_string())
+                .send()
+                .await
+                .unwrap();
+            expect_error(response, 400, "invalid_last_event_id").await;
+        }
+        server.stop().await;
+    }
+}
+
+/// The document states the rules the handlers check (so that clients, and schemathesis in
+/// `scripts/schemathesis`, send what the server takes): the stream id and `Expected-Version` of
+/// every operation, `data` xor `data_base64` in an event, and non-empty appends.
+#[test]
+fn the_document_states_the_input_rules_the_handlers_check() {
+    let doc = serde_json::to_value(factline_server::openapi()).unwrap();
+    let mut streams = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                let schema = &parameter["schema"];
+                match (parameter["in"].as_str(), parameter["name"].as_str()) {
+                    (Some("path"), Some("stream")) => {
+                        streams += 1;
+                        assert_eq!(schema["minLength"], 1, "{method} {path}");
+                        assert_eq!(schema["maxLength"], 255, "{method} {path}");
+                        assert!(
+                            schema["pattern"].as_str().unwrap().starts_with("^[^$"),
+                            "{method} {path}: {schema}"
+                        );
+                    }
+                    (Some("header"), Some("Expected-Version")) => assert_eq!(
+                        schema["pattern"], "^(any|no-stream|exists|[0-9]+)$",
+                        "{method} {path}"
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(streams, 9, "every operation on /streams/{{stream}}…");
+    let schemas = &doc["components"]["schemas"];
+    let payloads = &schemas["NewEvent"]["allOf"][1]["oneOf"];
+    assert_eq!(payloads[0]["required"], json!(["data"]), "{payloads}");
+    assert_eq!(
+        payloads[1]["required"],
+        json!(["data_base64"]),
+        "{payloads}"
+    );
+    let body = &doc["paths"]["/streams/{stream}"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"];
+    assert_eq!(body["oneOf"][1]["minItems"], 1, "{body}");
+    assert_eq!(
+        schemas["MultiAppend"]["properties"]["streams"]["minItems"],
+        1
+    );
+    assert_eq!(
+        schemas["StreamAppend"]["properties"]["events"]["minItems"],
+        1
+    );
+}
