@@ -24,7 +24,7 @@ pub struct Cli {
     /// Also write the results as a JSON array to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Systems to run, comma separated (default: all): factline-log, factline-memory,
+    /// Systems to run, comma separated (default: all): factline-log, factline-http, factline-memory,
     /// fsync-floor, sqlite, postgres, cqrs-es.
     #[arg(long, value_delimiter = ',', value_name = "a,b,c")]
     pub systems: Option<Vec<SystemKind>>,
@@ -53,6 +53,9 @@ pub struct Cli {
 pub enum SystemKind {
     /// The embedded engine, `factline_log`.
     FactlineLog,
+    /// `factline serve` (in process, on a loopback port) over the embedded engine, through the
+    /// HTTP API and its client (`HttpStore`, keep-alive connections): workload W10.
+    FactlineHttp,
     /// factline's in-memory reference store: not durable, for reference only.
     FactlineMemory,
     /// A plain write + fdatasync per append, serialized by a mutex: the durability floor.
@@ -67,8 +70,9 @@ pub enum SystemKind {
 
 impl SystemKind {
     /// Every system, in report order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::FactlineLog,
+        Self::FactlineHttp,
         Self::FactlineMemory,
         Self::FsyncFloor,
         Self::Sqlite,
@@ -80,6 +84,7 @@ impl SystemKind {
     pub const fn name(self) -> &'static str {
         match self {
             Self::FactlineLog => "factline-log",
+            Self::FactlineHttp => "factline-http",
             Self::FactlineMemory => "factline-memory",
             Self::FsyncFloor => "fsync-floor",
             Self::Sqlite => "sqlite",

@@ -154,6 +154,17 @@ pub(crate) async fn open(kind: SystemKind, ctx: &SetupContext<'_>) -> Result<Arc
                     .to_owned(),
             ))
         }
+        SystemKind::FactlineHttp => {
+            std::fs::create_dir_all(&dir)?;
+            let log = open_factline_log(&dir).await?;
+            Arc::new(store::StoreSystem::new(
+                kind,
+                store::serve_over_http(log).await?,
+                "factline serve over factline-log, in process on 127.0.0.1, through the HTTP \
+                 API and its client HttpStore (keep-alive); acknowledged after fdatasync"
+                    .to_owned(),
+            ))
+        }
         SystemKind::FactlineMemory => Arc::new(store::StoreSystem::new(
             kind,
             Arc::new(factline_core::InMemoryStore::new()),

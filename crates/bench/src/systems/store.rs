@@ -15,8 +15,22 @@ use super::{EVENT_TYPE, Expected, Feed, Outcome, System, json_payload};
 use crate::config::{SystemKind, WorkloadKind};
 
 /// Opens the embedded engine on `dir` (an empty directory the harness created for it).
-pub async fn open_factline_log(dir: &Path) -> Result<Arc<dyn EventStore>> {
+pub async fn open_factline_log(dir: &Path) -> Result<Arc<factline_log::LogStore>> {
     Ok(Arc::new(factline_log::LogStore::open(dir).await?))
+}
+
+/// Serves `log` over HTTP on a free loopback port (on the current runtime, for as long as it
+/// runs) and connects the API's client to it.
+pub(crate) async fn serve_over_http(
+    log: Arc<factline_log::LogStore>,
+) -> Result<Arc<dyn EventStore>> {
+    let options = factline_server::ServerOptions::default().listen(([127, 0, 0, 1], 0).into());
+    let server = factline_server::Server::bind(log, options).await?;
+    let url = format!("http://{}", server.local_addr());
+    tokio::spawn(server.run(std::future::pending()));
+    Ok(Arc::new(
+        factline_server::client::HttpStore::connect(&url).await?,
+    ))
 }
 
 /// A factline [`EventStore`] under test.
