@@ -974,3 +974,132 @@ mod tests {
         assert!(error.is_some_and(|e| e.contains("UUID")));
     }
 }
+
+// ---- bench --------------------------------------------------------------------------------
+
+/// `factline bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Concurrent writers, each appending to its own stream and waiting for each answer.
+    #[arg(long, default_value_t = 32)]
+    writers: usize,
+    /// Events per append.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// How long to append, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Size of each event's JSON payload, in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Latencies kept at most (the rest are counted, not kept), so memory stays bounded.
+const BENCH_SAMPLES_MAX: usize = 5_000_000;
+
+pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.writers == 0 || args.batch == 0 || args.seconds == 0 {
+        anyhow::bail!("--writers, --batch and --seconds must be at least 1");
+    }
+    let opened = open(&args.target).await?;
+    let result = run_bench(&opened.store, &args).await;
+    opened.close().await;
+    let (events, elapsed, mut latencies_us) = result?;
+    latencies_us.sort_unstable();
+    let quantile = |q: f64| {
+        latencies_us
+            .get(((latencies_us.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let events_per_sec = events as f64 / elapsed.as_secs_f64();
+    let summary = json!({
+        "writers": args.writers,
+        "batch": args.batch,
+        "events": events,
+        "seconds": elapsed.as_secs_f64(),
+        "events_per_sec": events_per_sec.round(),
+        "p50_us": quantile(0.5),
+        "p99_us": quantile(0.99),
+        "max_us": latencies_us.last().copied().unwrap_or(0),
+    });
+    if args.json {
+        print_line(&summary.to_string());
+    } else {
+        print_line(&format!(
+            "{events} events in {:.1} s from {} writers (batches of {}): {:.0} events/s; \
+             latency per append p50 {} µs, p99 {} µs, max {} µs",
+            elapsed.as_secs_f64(),
+            args.writers,
+            args.batch,
+            events_per_sec,
+            quantile(0.5),
+            quantile(0.99),
+            latencies_us.last().copied().unwrap_or(0)
+        ));
+    }
+    Ok(())
+}
+
+async fn run_bench(
+    store: &Arc<dyn Store>,
+    args: &BenchArgs,
+) -> anyhow::Result<(u64, Duration, Vec<u64>)> {
+    let run = factline_core::Uuid::now_v7().simple().to_string();
+    let payload = json!({ "pad": "x".repeat(args.payload_bytes.saturating_sub(10)) });
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let bar = progress(Some(args.seconds), "bench");
+    let samples_per_writer = BENCH_SAMPLES_MAX / args.writers;
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..args.writers {
+        let store = Arc::clone(store);
+        let stream = stream_id(&format!("bench-{run}-{writer}"))?;
+        let payload = payload.clone();
+        let batch = args.batch;
+        tasks.spawn(async move {
+            let mut latencies_us = Vec::new();
+            let mut events = 0u64;
+            while std::time::Instant::now() < deadline {
+                let appended: Vec<EventData> = (0..batch)
+                    .map(|_| EventData::json("BenchEventAppended", &payload))
+                    .collect::<Result<_, _>>()?;
+                let sent = std::time::Instant::now();
+                store
+                    .append(&stream, ExpectedVersion::Any, appended)
+                    .await
+                    .with_context(|| format!("appending to {stream}"))?;
+                if latencies_us.len() < samples_per_writer {
+                    latencies_us.push(sent.elapsed().as_micros() as u64);
+                }
+                events += batch as u64;
+            }
+            anyhow::Ok((events, latencies_us))
+        });
+    }
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                bar.set_position(started.elapsed().as_secs().min(bar.length().unwrap_or(0)));
+            }
+        })
+    };
+    let mut events = 0;
+    let mut latencies_us = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (appended, latencies) = joined.context("a bench writer panicked")??;
+        events += appended;
+        latencies_us.extend(latencies);
+    }
+    let elapsed = started.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+    Ok((events, elapsed, latencies_us))
+}

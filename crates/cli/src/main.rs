@@ -40,6 +40,9 @@ enum Command {
     Export(commands::ExportArgs),
     /// Append the events of an export, keeping their streams, ids and revisions.
     Import(commands::ImportArgs),
+    /// Measure append throughput and latency against a server or data directory (closed-loop
+    /// writers on their own streams). The side-by-side comparison with peers is crates/bench.
+    Bench(commands::BenchArgs),
     /// Print the limits every store enforces by default.
     Limits {
         /// Print JSON instead of a table.
@@ -113,6 +116,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Metadata(command) => block_on(commands::metadata(command))?,
         Command::Export(args) => block_on(commands::export(args))?,
         Command::Import(args) => block_on(commands::import(args))?,
+        Command::Bench(args) => block_on(commands::bench(args))?,
     }
     Ok(())
 }
@@ -125,8 +129,16 @@ fn verify(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
             data.display()
         );
     }
-    let report =
-        factline_log::verify(data).with_context(|| format!("verifying {}", data.display()))?;
+    // The check reads every record; a spinner with the elapsed time shows it is working.
+    let spinner = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("verify {spinner} {elapsed} {msg}") {
+        spinner.set_style(style);
+    }
+    spinner.set_message(format!("checking {}", data.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = factline_log::verify(data);
+    spinner.finish_and_clear();
+    let report = report.with_context(|| format!("verifying {}", data.display()))?;
     let repairs: Vec<String> = report
         .pending_repairs
         .iter()

@@ -243,3 +243,39 @@ fn store_commands_work_over_http_and_on_a_data_directory() {
     assert_eq!(nothing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&nothing.stderr).contains("connecting to http://127.0.0.1:9"));
 }
+
+#[test]
+fn bench_measures_appends_on_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "bench",
+            "--seconds",
+            "1",
+            "--writers",
+            "4",
+            "--batch",
+            "2",
+            "--json",
+            "--data",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let summary: Value = serde_json::from_str(ok(&output).trim()).unwrap();
+    let events = summary["events"].as_u64().unwrap();
+    assert!(events >= 8 && events.is_multiple_of(2), "{summary}");
+    assert!(
+        summary["events_per_sec"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    assert!(summary["p99_us"].as_u64().unwrap() >= summary["p50_us"].as_u64().unwrap());
+    // What it wrote is there, and verify agrees.
+    let verified = Command::new(BIN)
+        .args(["verify", "--json", "--data"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_str(&ok(&verified)).unwrap();
+    assert_eq!(report["events"].as_u64().unwrap(), events);
+}
