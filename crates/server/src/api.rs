@@ -685,8 +685,7 @@ async fn put_metadata(
         (status = 400, description = "Invalid stream id", body = ErrorBody),
         (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The token may not read this stream", body = ErrorBody),
-        (status = 404, description = "The stream has no snapshot", body = ErrorBody),
-        (status = 410, description = "The stream is tombstoned", body = ErrorBody),
+        (status = 404, description = "The stream has no snapshot (a deleted or tombstoned stream has none)", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
