@@ -341,6 +341,18 @@ impl From<DirectionParam> for Direction {
     }
 }
 
+/// The page size of a read: `limit=0` would page forever without moving on, so it is refused.
+fn page_limit(limit: Option<usize>, state: &AppState) -> Result<usize, ApiError> {
+    match limit {
+        Some(0) => Err(ApiError::new(
+            ErrorCode::InvalidQuery,
+            "limit=0: a page holds at least 1 event",
+        )),
+        Some(limit) => Ok(limit),
+        None => Ok(state.options.read_limit_default),
+    }
+}
+
 /// Where a read starts. `from` is inclusive, and no event can be at `u64::MAX` (the one after
 /// it would have no number), so a backwards read from there is a read from the end: the store
 /// is not asked for the event after `u64::MAX`, which overflows.
@@ -501,7 +513,8 @@ async fn append_multi(
 struct ReadStreamQuery {
     /// First revision to return (inclusive); default the start (forwards) or end (backwards).
     from: Option<u64>,
-    /// Most events to return; default 100, at most the store's read_count_max.
+    /// Most events to return: 1 up to the store's read_count_max; default 100.
+    #[param(minimum = 1)]
     limit: Option<usize>,
     /// forwards (default) or backwards.
     #[param(inline)]
@@ -540,7 +553,7 @@ async fn read_stream(
     let options = ReadStreamOptions {
         direction,
         from: read_from(params.from, direction).map(Revision),
-        limit: params.limit.unwrap_or(state.options.read_limit_default),
+        limit: page_limit(params.limit, &state)?,
     };
     let slice = state.store.read_stream(&stream, options).await?;
     Ok(Json(StreamPage {
@@ -773,7 +786,8 @@ async fn delete_snapshot(
 struct ReadAllQuery {
     /// First position to consider (inclusive); default the start (forwards) or end (backwards).
     from: Option<u64>,
-    /// Most events to return; default 100, at most the store's read_count_max.
+    /// Most events to return: 1 up to the store's read_count_max; default 100.
+    #[param(minimum = 1)]
     limit: Option<usize>,
     /// forwards (default) or backwards.
     #[param(inline)]
@@ -826,7 +840,7 @@ async fn read_all(
     let options = ReadAllOptions {
         direction,
         from: read_from(params.from, direction).map(Position),
-        limit: params.limit.unwrap_or(state.options.read_limit_default),
+        limit: page_limit(params.limit, &state)?,
         filter,
     };
     let slice = state.store.read_all(options).await?;

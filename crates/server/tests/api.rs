@@ -1141,3 +1141,20 @@ fn the_document_states_the_input_rules_the_handlers_check() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_read_with_limit_zero_is_refused_rather_than_paging_forever() {
+    let server = TestServer::memory().await;
+    server
+        .append("zero-1", None, event("Happened", json!(1)))
+        .await;
+    for path in ["/streams/zero-1?limit=0", "/all?limit=0"] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_query")),
+            "{path}"
+        );
+    }
+    server.stop().await;
+}
