@@ -183,14 +183,12 @@ impl Failure {
     /// The storage error this failure stands for when it is none of the operation's own.
     fn storage(self) -> StorageError {
         match self.code() {
-            Some(ErrorCode::StoreUnavailable) => {
-                let message = self.message();
-                if message.contains("closed") {
-                    StorageError::Closed
-                } else {
-                    StorageError::Failed { reason: message }
-                }
+            Some(ErrorCode::StoreUnavailable) if self.detail_str("state") == Some("closed") => {
+                StorageError::Closed
             }
+            Some(ErrorCode::StoreUnavailable) => StorageError::Failed {
+                reason: self.message(),
+            },
             _ => StorageError::backend(HttpError::Status {
                 code: self
                     .code()

@@ -60,7 +60,8 @@ pub enum ErrorCode {
     StreamDeleted,
     /// 429: `subscribers_max` subscriptions are open already.
     TooManySubscribers,
-    /// 503: the store refuses writes (a failed fsync or a full disk) or is closed.
+    /// 503: the store refuses writes (a failed fsync or a full disk: details `state` =
+    /// `failed`) or is closed (`state` = `closed`).
     StoreUnavailable,
     /// 500: a bug; the message says what failed.
     Internal,
@@ -180,8 +181,11 @@ impl ApiError {
 
     fn storage(error: &StorageError) -> Self {
         match error {
-            StorageError::Failed { .. } | StorageError::Closed => {
-                Self::new(ErrorCode::StoreUnavailable, error.to_string())
+            StorageError::Failed { .. } => {
+                Self::new(ErrorCode::StoreUnavailable, error.to_string()).with("state", "failed")
+            }
+            StorageError::Closed => {
+                Self::new(ErrorCode::StoreUnavailable, error.to_string()).with("state", "closed")
             }
             other => {
                 tracing::error!(error = %other, "storage error");

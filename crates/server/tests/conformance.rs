@@ -55,3 +55,52 @@ fn agrees_with_the_model_over_http() {
         factline_core::testkit::model::ModelConfig::default(),
     );
 }
+
+/// A store that refuses writes answers 503 with its state, and the client turns that back into
+/// the storage error it was: `Failed` after a failed fsync, `Closed` after close.
+#[tokio::test]
+async fn an_unavailable_store_is_a_typed_storage_error_through_http() {
+    use factline_core::{
+        AppendError, EventData, EventStore, ExpectedVersion, StorageError, StreamId,
+    };
+
+    let storage = FaultyStorage::new();
+    let (log, _) = LogStore::open_with(
+        Arc::new(storage.clone()),
+        Path::new("/data"),
+        LogOptions::default(),
+    )
+    .await
+    .unwrap();
+    let client = served(Arc::new(log.clone())).await;
+    let stream = StreamId::new("order-1").unwrap();
+    let event = || EventData::json("Placed", &serde_json::json!({})).unwrap();
+    storage.fail_syncs_after(0);
+    let failed = client
+        .append(&stream, ExpectedVersion::Any, vec![event()])
+        .await;
+    assert!(
+        matches!(
+            failed,
+            Err(AppendError::Storage(StorageError::Failed { .. }))
+        ),
+        "{failed:?}"
+    );
+
+    let (log, _) = LogStore::open_with(
+        Arc::new(FaultyStorage::new()),
+        Path::new("/data"),
+        LogOptions::default(),
+    )
+    .await
+    .unwrap();
+    let client = served(Arc::new(log.clone())).await;
+    log.close().await;
+    let closed = client
+        .append(&stream, ExpectedVersion::Any, vec![event()])
+        .await;
+    assert!(
+        matches!(closed, Err(AppendError::Storage(StorageError::Closed))),
+        "{closed:?}"
+    );
+}
