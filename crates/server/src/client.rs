@@ -53,8 +53,9 @@ pub struct ClientOptions {
     pub token: Option<String>,
     /// Longest wait for a connection to the server. Default 10 s.
     pub connect_timeout_ms: Option<u64>,
-    /// Longest wait for the answer to a request (not for subscriptions, which stay open).
-    /// Default 60 s.
+    /// Longest wait for any read from the server, the body of a subscription included: keep
+    /// it above the server's SSE keep-alive interval (15 s by default), or idle subscriptions
+    /// end with a timeout. Default 60 s.
     pub request_timeout_ms: Option<u64>,
 }
 
