@@ -265,7 +265,15 @@ pub(crate) struct ReadArgs {
     target: Target,
     /// The stream.
     stream: String,
-    /// First revision to read (default: the start, or the end with --backwards).
+    #[command(flatten)]
+    page: PageArgs,
+}
+
+/// Where a read starts, how much it prints and how, shared by read and read-all.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PageArgs {
+    /// First revision (read) or position (read-all) to print; default the start, or the end
+    /// with --backwards.
     #[arg(long)]
     from: Option<u64>,
     /// Most events to print (default: all).
@@ -279,24 +287,31 @@ pub(crate) struct ReadArgs {
     json: bool,
 }
 
+impl PageArgs {
+    fn direction(&self) -> Direction {
+        if self.backwards {
+            Direction::Backwards
+        } else {
+            Direction::Forwards
+        }
+    }
+}
+
 /// Events fetched per request.
 const PAGE_EVENTS: u64 = 1_000;
 
 pub(crate) async fn read(args: ReadArgs) -> anyhow::Result<()> {
     let stream = stream_id(&args.stream)?;
     let opened = open(&args.target).await?;
-    let result = read_pages(&*opened.store, &stream, &args).await;
+    let result = read_pages(&*opened.store, &stream, &args.page).await;
     opened.close().await;
     result
 }
 
-async fn read_pages(store: &dyn Store, stream: &StreamId, args: &ReadArgs) -> anyhow::Result<()> {
+async fn read_pages(store: &dyn Store, stream: &StreamId, args: &PageArgs) -> anyhow::Result<()> {
     let mut left = args.limit.unwrap_or(u64::MAX);
-    let mut options = if args.backwards {
-        ReadStreamOptions::backwards()
-    } else {
-        ReadStreamOptions::forwards()
-    };
+    let mut options = ReadStreamOptions::forwards();
+    options.direction = args.direction();
     if let Some(from) = args.from {
         options = options.from(Revision(from));
     }
@@ -348,38 +363,24 @@ pub(crate) struct ReadAllArgs {
     target: Target,
     #[command(flatten)]
     filter: FilterArgs,
-    /// First position to read (default: the start, or the end with --backwards).
-    #[arg(long)]
-    from: Option<u64>,
-    /// Most events to print (default: all).
-    #[arg(long)]
-    limit: Option<u64>,
-    /// Newest first.
-    #[arg(long)]
-    backwards: bool,
-    /// One JSON object per line (the API's shape).
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    page: PageArgs,
 }
 
 pub(crate) async fn read_all(args: ReadAllArgs) -> anyhow::Result<()> {
     let opened = open(&args.target).await?;
-    let mut left = args.limit.unwrap_or(u64::MAX);
-    let direction = if args.backwards {
-        Direction::Backwards
-    } else {
-        Direction::Forwards
-    };
+    let page = &args.page;
+    let mut left = page.limit.unwrap_or(u64::MAX);
     let result = scan_all(
         &*opened.store,
-        direction,
-        args.from.map(Position),
+        page.direction(),
+        page.from.map(Position),
         args.filter.filter(),
         |event| {
             if left == 0 {
                 return false;
             }
-            print_line(&event_line(event, args.json));
+            print_line(&event_line(event, page.json));
             left -= 1;
             left > 0
         },
@@ -444,16 +445,8 @@ pub(crate) struct TailArgs {
 }
 
 fn subscribe_from(text: &str) -> anyhow::Result<SubscribeFrom<u64>> {
-    Ok(match text {
-        "start" | "0" => SubscribeFrom::Start,
-        "end" => SubscribeFrom::End,
-        number => {
-            let first: u64 = number
-                .parse()
-                .with_context(|| format!("--from {number:?}: give start, end or a number"))?;
-            SubscribeFrom::After(first - 1)
-        }
-    })
+    SubscribeFrom::parse_first(text)
+        .with_context(|| format!("--from {text:?}: give start, end or a number"))
 }
 
 pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
@@ -472,27 +465,15 @@ async fn follow(
     let mut subscription = match &args.stream {
         Some(stream) => {
             let stream = stream_id(stream)?;
-            let from = match from {
-                SubscribeFrom::Start => SubscribeFrom::Start,
-                SubscribeFrom::End => SubscribeFrom::End,
-                SubscribeFrom::After(revision) => SubscribeFrom::After(Revision(revision)),
-            };
             store
-                .subscribe_to_stream(&stream, from)
+                .subscribe_to_stream(&stream, from.map(Revision))
                 .await
                 .with_context(|| format!("subscribing to {stream}"))?
         }
-        None => {
-            let from = match from {
-                SubscribeFrom::Start => SubscribeFrom::Start,
-                SubscribeFrom::End => SubscribeFrom::End,
-                SubscribeFrom::After(position) => SubscribeFrom::After(Position(position)),
-            };
-            store
-                .subscribe_to_all(from, args.filter.filter())
-                .await
-                .context("subscribing to $all")?
-        }
+        None => store
+            .subscribe_to_all(from.map(Position), args.filter.filter())
+            .await
+            .context("subscribing to $all")?,
     };
     let mut left = args.count.unwrap_or(u64::MAX);
     while left > 0 {
@@ -856,14 +837,18 @@ pub(crate) async fn import(args: ImportArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("opening {}", args.file.display()))?,
         ))
     };
-    let total = if args.file.as_os_str() == "-" {
+    // Progress is measured in bytes of the file, so the file is read once.
+    let total_bytes = if args.file.as_os_str() == "-" {
         None
     } else {
-        let file = std::fs::File::open(&args.file)?;
-        Some(std::io::BufReader::new(file).lines().count() as u64)
+        Some(
+            std::fs::metadata(&args.file)
+                .with_context(|| format!("reading the size of {}", args.file.display()))?
+                .len(),
+        )
     };
     let opened = open(&args.target).await?;
-    let result = import_from(&*opened.store, reader, total, args.cloudevents).await;
+    let result = import_from(&*opened.store, reader, total_bytes, args.cloudevents).await;
     opened.close().await;
     let imported = result?;
     eprintln!("imported {imported} events");
@@ -877,14 +862,23 @@ pub(crate) async fn import(args: ImportArgs) -> anyhow::Result<()> {
 async fn import_from(
     store: &dyn Store,
     reader: Box<dyn std::io::BufRead>,
-    total: Option<u64>,
+    total_bytes: Option<u64>,
     cloudevents: bool,
 ) -> anyhow::Result<u64> {
-    let bar = progress(total, "import");
+    let bar = match total_bytes {
+        Some(total) => ProgressBar::new(total),
+        None => ProgressBar::new_spinner(),
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("import [{bar:40}] {bytes}/{total_bytes} ({eta} left)")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
     let mut batch: Vec<RecordedEvent> = Vec::new();
     let mut imported = 0u64;
     for (n, line) in reader.lines().enumerate() {
         let line = line.context("reading the import file")?;
+        bar.inc(line.len() as u64 + 1);
         if line.trim().is_empty() {
             continue;
         }
@@ -899,7 +893,6 @@ async fn import_from(
         });
         if !continues || batch.len() >= IMPORT_BATCH_EVENTS {
             imported += flush(store, &mut batch).await?;
-            bar.set_position(imported);
         }
         batch.push(event);
     }

@@ -49,8 +49,8 @@ pub use rules::{
 };
 pub use store::{
     AllSlice, AppendRequest, AppendResult, DeleteMode, Direction, EventFilter, EventStore,
-    ReadAllOptions, ReadStreamOptions, Snapshot, SnapshotStore, StreamMetadata, StreamSlice,
-    SubscribeFrom,
+    ParseSubscribeFromError, ReadAllOptions, ReadStreamOptions, Snapshot, SnapshotStore,
+    StreamMetadata, StreamSlice, SubscribeFrom,
 };
 pub use subscription::{
     ChangeListener, ChangeNotifier, SUBSCRIPTION_PAGE_EVENTS, Subscription, follow_all,

@@ -274,6 +274,43 @@ pub enum SubscribeFrom<T> {
     End,
 }
 
+impl<T> SubscribeFrom<T> {
+    /// The same start with its checkpoint converted (e.g. between `Position` and its number).
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> SubscribeFrom<U> {
+        match self {
+            Self::Start => SubscribeFrom::Start,
+            Self::After(last) => SubscribeFrom::After(f(last)),
+            Self::End => SubscribeFrom::End,
+        }
+    }
+}
+
+impl SubscribeFrom<u64> {
+    /// Parses the text form of a start, as the HTTP API and the CLI take it: `start`, `end`, or
+    /// the number of the first revision or position to deliver (`0` is the start).
+    pub fn parse_first(text: &str) -> Result<Self, ParseSubscribeFromError> {
+        match text {
+            "start" => Ok(Self::Start),
+            "end" => Ok(Self::End),
+            number => match number.parse::<u64>() {
+                Ok(0) => Ok(Self::Start),
+                Ok(first) => Ok(Self::After(first - 1)),
+                Err(_) => Err(ParseSubscribeFromError {
+                    input: text.to_owned(),
+                }),
+            },
+        }
+    }
+}
+
+/// Why [`SubscribeFrom::parse_first`] refused its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a subscription start: give start, end or the first number to deliver")]
+pub struct ParseSubscribeFromError {
+    /// The text given.
+    pub input: String,
+}
+
 impl SubscribeFrom<Position> {
     /// The first position to deliver, given the position the next commit will get.
     pub fn first_position(self, next_commit: Position) -> Position {
@@ -588,5 +625,29 @@ impl<T: SnapshotStore + ?Sized> SnapshotStore for Arc<T> {
     }
     async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), SnapshotError> {
         (**self).delete_snapshot(stream).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_starts_parse_from_text() {
+        assert_eq!(
+            SubscribeFrom::parse_first("start"),
+            Ok(SubscribeFrom::Start)
+        );
+        assert_eq!(SubscribeFrom::parse_first("end"), Ok(SubscribeFrom::End));
+        assert_eq!(SubscribeFrom::parse_first("0"), Ok(SubscribeFrom::Start));
+        assert_eq!(SubscribeFrom::parse_first("00"), Ok(SubscribeFrom::Start));
+        assert_eq!(SubscribeFrom::parse_first("5"), Ok(SubscribeFrom::After(4)));
+        for bad in ["", "-1", "five", "Start"] {
+            assert!(SubscribeFrom::parse_first(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            SubscribeFrom::After(Position(3)).map(Position::value),
+            SubscribeFrom::After(3)
+        );
     }
 }

@@ -855,18 +855,13 @@ async fn read_all(
 
 /// Where a subscription starts, as `from=start|end|N`.
 fn subscribe_from(from: Option<&str>) -> Result<SubscribeFrom<u64>, ApiError> {
-    match from.unwrap_or("start") {
-        "start" => Ok(SubscribeFrom::Start),
-        "end" => Ok(SubscribeFrom::End),
-        number => match number.parse::<u64>() {
-            Ok(0) => Ok(SubscribeFrom::Start),
-            Ok(first) => Ok(SubscribeFrom::After(first - 1)),
-            Err(_) => Err(ApiError::new(
-                ErrorCode::InvalidQuery,
-                format!("from={number:?}: give start, end or a number"),
-            )),
-        },
-    }
+    let text = from.unwrap_or("start");
+    SubscribeFrom::parse_first(text).map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidQuery,
+            format!("from={text:?}: give start, end or a number"),
+        )
+    })
 }
 
 fn last_event_id(headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
@@ -965,11 +960,7 @@ async fn subscribe_stream(
                 }
             }
         }
-        None => match subscribe_from(params.from.as_deref())? {
-            SubscribeFrom::Start => SubscribeFrom::Start,
-            SubscribeFrom::End => SubscribeFrom::End,
-            SubscribeFrom::After(revision) => SubscribeFrom::After(Revision(revision)),
-        },
+        None => subscribe_from(params.from.as_deref())?.map(Revision),
     };
     let permit = subscriber_permit(&state)?;
     let subscription = state.store.subscribe_to_stream(&stream, from).await?;
@@ -1023,11 +1014,7 @@ async fn subscribe_all(
     caller.require_read_all(&filter)?;
     let from = match last_event_id(&headers)? {
         Some(position) => SubscribeFrom::After(position),
-        None => match subscribe_from(params.from.as_deref())? {
-            SubscribeFrom::Start => SubscribeFrom::Start,
-            SubscribeFrom::End => SubscribeFrom::End,
-            SubscribeFrom::After(position) => SubscribeFrom::After(Position(position)),
-        },
+        None => subscribe_from(params.from.as_deref())?.map(Position),
     };
     let permit = subscriber_permit(&state)?;
     let subscription = state.store.subscribe_to_all(from, filter).await?;

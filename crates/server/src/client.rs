@@ -691,11 +691,24 @@ fn from_query(from: SubscribeFrom<u64>) -> String {
     }
 }
 
-fn direction_query(direction: Direction) -> &'static str {
-    match direction {
+/// The query of a page read: `limit`, `direction` and, when given, `from`.
+fn page_query(
+    limit: usize,
+    direction: Direction,
+    from: Option<u64>,
+) -> Vec<(&'static str, String)> {
+    let direction = match direction {
         Direction::Backwards => "backwards",
         _ => "forwards",
+    };
+    let mut query = vec![
+        ("limit", limit.to_string()),
+        ("direction", direction.to_owned()),
+    ];
+    if let Some(from) = from {
+        query.push(("from", from.to_string()));
     }
+    query
 }
 
 fn filter_query(filter: &EventFilter) -> Vec<(&'static str, String)> {
@@ -817,13 +830,11 @@ impl EventStore for HttpStore {
         options: ReadStreamOptions,
     ) -> Result<StreamSlice, ReadStreamError> {
         let url = self.stream_url(stream, &[]);
-        let mut query = vec![
-            ("limit", options.limit.to_string()),
-            ("direction", direction_query(options.direction).to_owned()),
-        ];
-        if let Some(from) = options.from {
-            query.push(("from", from.value().to_string()));
-        }
+        let query = page_query(
+            options.limit,
+            options.direction,
+            options.from.map(Revision::value),
+        );
         let builder = self.request(Method::GET, url.clone()).query(&query);
         match self.send(builder).await.map_err(StorageError::backend)? {
             Ok(response) => {
@@ -852,13 +863,11 @@ impl EventStore for HttpStore {
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<AllSlice, ReadAllError> {
         let url = self.url(&["all"]);
-        let mut query = vec![
-            ("limit", options.limit.to_string()),
-            ("direction", direction_query(options.direction).to_owned()),
-        ];
-        if let Some(from) = options.from {
-            query.push(("from", from.value().to_string()));
-        }
+        let mut query = page_query(
+            options.limit,
+            options.direction,
+            options.from.map(Position::value),
+        );
         query.extend(filter_query(&options.filter));
         let builder = self.request(Method::GET, url.clone()).query(&query);
         match self.send(builder).await.map_err(StorageError::backend)? {
@@ -890,13 +899,9 @@ impl EventStore for HttpStore {
         stream: &StreamId,
         from: SubscribeFrom<Revision>,
     ) -> Result<Subscription, SubscribeError> {
-        let from = match from {
-            SubscribeFrom::Start => SubscribeFrom::Start,
-            SubscribeFrom::End => SubscribeFrom::End,
-            SubscribeFrom::After(revision) => SubscribeFrom::After(revision.value()),
-        };
         let mut url = self.stream_url(stream, &["subscribe"]);
-        url.query_pairs_mut().append_pair("from", &from_query(from));
+        url.query_pairs_mut()
+            .append_pair("from", &from_query(from.map(Revision::value)));
         self.subscribe(url, Some(stream)).await
     }
 
@@ -905,15 +910,10 @@ impl EventStore for HttpStore {
         from: SubscribeFrom<Position>,
         filter: EventFilter,
     ) -> Result<Subscription, SubscribeError> {
-        let from = match from {
-            SubscribeFrom::Start => SubscribeFrom::Start,
-            SubscribeFrom::End => SubscribeFrom::End,
-            SubscribeFrom::After(position) => SubscribeFrom::After(position.value()),
-        };
         let mut url = self.url(&["all", "subscribe"]);
         {
             let mut pairs = url.query_pairs_mut();
-            pairs.append_pair("from", &from_query(from));
+            pairs.append_pair("from", &from_query(from.map(Position::value)));
             for (key, value) in filter_query(&filter) {
                 pairs.append_pair(key, &value);
             }
