@@ -280,11 +280,6 @@ impl Recent {
 }
 
 impl Decoder {
-    /// Decodes the record at the start of `bytes`, copying the event data.
-    pub fn decode(&mut self, bytes: &[u8]) -> Result<Framed, DecodeError> {
-        decode_with(bytes, Bytes::copy_from_slice, &mut self.recent)
-    }
-
     /// Decodes the record at the start of `bytes` without copying the event data: an event
     /// comes back with empty `data`, and the range of its payload within `bytes` comes with it
     /// (empty for other records), so that a batch reader can gather the payloads it keeps into
