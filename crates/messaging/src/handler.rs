@@ -269,7 +269,10 @@ mod tests {
         let echo = handler_fn(|message: Message| async move { Ok(vec![message.detached()]) });
         let out = echo.handle(Message::new("a")).await.unwrap_or_default();
         assert_eq!(out.len(), 1);
-        let consume = consumer_fn(|_message: Message| async move { Err(HandlerError::permanent("bad payload")) });
+        let consume =
+            consumer_fn(
+                |_message: Message| async move { Err(HandlerError::permanent("bad payload")) },
+            );
         let error = consume.handle(Message::new("a")).await.err();
         assert!(error.as_ref().is_some_and(HandlerError::is_permanent));
         assert_eq!(

@@ -34,7 +34,9 @@ pub use handler::{
     HandlerError, HandlerErrorKind, HandlerResult, Middleware, batch_handler_fn, consumer_fn,
     handler_fn,
 };
-pub use memory::{GroupStats, InMemoryConfig, InMemoryPubSub, InMemoryPublisher, InMemorySubscriber, TopicStats};
+pub use memory::{
+    GroupStats, InMemoryConfig, InMemoryPubSub, InMemoryPublisher, InMemorySubscriber, TopicStats,
+};
 pub use message::{
     Acknowledger, InvalidMessageId, MESSAGE_ID_BYTES_MAX, Message, MessageId, Metadata,
     NoopAcknowledger, Outcome,

@@ -230,7 +230,9 @@ pub struct GroupStats {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves consistent data (no multi-step updates
     // across an await or a callback), so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Topic {
@@ -438,7 +440,11 @@ impl Subscriber for InMemorySubscriber {
         let (key, named) = match &self.group {
             Some(name) => (name.clone(), true),
             None => {
-                let n = self.pubsub.shared.anonymous_groups.fetch_add(1, Ordering::Relaxed);
+                let n = self
+                    .pubsub
+                    .shared
+                    .anonymous_groups
+                    .fetch_add(1, Ordering::Relaxed);
                 (Arc::from(format!("\u{0}anonymous-{n}")), false)
             }
         };
@@ -450,14 +456,17 @@ impl Subscriber for InMemorySubscriber {
             } else {
                 state.next_seq()
             };
-            let group = state.groups.entry(key.clone()).or_insert_with(|| GroupState {
-                named,
-                members: 0,
-                cursor: start,
-                redeliver: VecDeque::new(),
-                delayed: BinaryHeap::new(),
-                delayed_counter: 0,
-            });
+            let group = state
+                .groups
+                .entry(key.clone())
+                .or_insert_with(|| GroupState {
+                    named,
+                    members: 0,
+                    cursor: start,
+                    redeliver: VecDeque::new(),
+                    delayed: BinaryHeap::new(),
+                    delayed_counter: 0,
+                });
             group.members += 1;
         }
         let member = Arc::new(Member {
@@ -473,10 +482,13 @@ impl Subscriber for InMemorySubscriber {
             closed: self.closed.child_token(),
             _guard: MemberGuard(member),
         };
-        Ok(MessageStream::new(futures::stream::unfold(state, |mut state| async move {
-            let message = state.next().await?;
-            Some((Ok(message), state))
-        })))
+        Ok(MessageStream::new(futures::stream::unfold(
+            state,
+            |mut state| async move {
+                let message = state.next().await?;
+                Some((Ok(message), state))
+            },
+        )))
     }
 
     async fn close(&self) -> Result<(), CloseError> {
@@ -628,7 +640,9 @@ impl MemberStream {
                 }
                 let mut taken = Vec::with_capacity(free.min(64));
                 while taken.len() < free {
-                    let Some(message) = group.redeliver.pop_front() else { break };
+                    let Some(message) = group.redeliver.pop_front() else {
+                        break;
+                    };
                     taken.push(message);
                 }
                 // A group that fell behind the retention window skips what it lost.
@@ -706,8 +720,16 @@ mod tests {
         let pubsub = InMemoryPubSub::default();
         let mut alone_a = pubsub.subscriber().subscribe("t").await.unwrap();
         let mut alone_b = pubsub.subscriber().subscribe("t").await.unwrap();
-        let mut group_1 = pubsub.subscriber_in_group("g").subscribe("t").await.unwrap();
-        let mut group_2 = pubsub.subscriber_in_group("g").subscribe("t").await.unwrap();
+        let mut group_1 = pubsub
+            .subscriber_in_group("g")
+            .subscribe("t")
+            .await
+            .unwrap();
+        let mut group_2 = pubsub
+            .subscriber_in_group("g")
+            .subscribe("t")
+            .await
+            .unwrap();
         let messages: Vec<Message> = (0..4).map(|i| Message::new(format!("{i}"))).collect();
         pubsub.publisher().publish("t", messages).await.unwrap();
         for stream in [&mut alone_a, &mut alone_b] {
@@ -754,7 +776,10 @@ mod tests {
         let batch: Vec<Message> = (0..8).map(|i| Message::new(format!("{i}"))).collect();
         publisher.publish("t", batch).await.unwrap();
         let refused = publisher.publish("t", vec![Message::new("x")]).await;
-        assert!(matches!(refused, Err(PublishError::TimedOut { timeout_ms: 50 })));
+        assert!(matches!(
+            refused,
+            Err(PublishError::TimedOut { timeout_ms: 50 })
+        ));
         assert_eq!(pubsub.topic_stats("t").unwrap().held_messages, 8);
     }
 }

@@ -304,7 +304,9 @@ impl<A: ?Sized + Acknowledger> Delivery<A> {
     /// Moves from pending to `to`; true when this call did it.
     fn settle(&self, to: u8, delay: Option<Duration>) -> bool {
         if to == NACKED {
-            let delay_ms = delay.map_or(u64::MAX, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX - 1));
+            let delay_ms = delay.map_or(u64::MAX, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX - 1)
+            });
             // Written before the state is published; a losing nack writes a value nobody reads.
             self.nack_delay_ms.store(delay_ms, Ordering::Relaxed);
         }
@@ -459,7 +461,9 @@ impl Message {
 
     /// The outcome, once settled; `None` while pending or without a delivery.
     pub fn outcome(&self) -> Option<Outcome> {
-        self.delivery.as_ref().and_then(|delivery| delivery.outcome())
+        self.delivery
+            .as_ref()
+            .and_then(|delivery| delivery.outcome())
     }
 
     /// Waits until the delivery is settled (returns at once when it is, or when there is no
@@ -522,7 +526,10 @@ mod tests {
     struct Recorder(Arc<Mutex<Vec<Outcome>>>);
     impl Acknowledger for Recorder {
         fn settled(&self, outcome: Outcome) {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(outcome);
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(outcome);
         }
     }
     impl Recorder {
@@ -563,7 +570,10 @@ mod tests {
         let message = Message::new("x").delivered(recorder.clone());
         let copy = message.clone();
         drop(message);
-        assert!(recorder.seen().is_empty(), "a clone still holds the delivery");
+        assert!(
+            recorder.seen().is_empty(),
+            "a clone still holds the delivery"
+        );
         drop(copy);
         assert_eq!(recorder.seen(), vec![Outcome::Dropped]);
 
@@ -593,7 +603,10 @@ mod tests {
         let outcome = waiter.await.ok().flatten();
         assert_eq!(outcome, Some(Outcome::Nacked { delay: None }));
         // Already settled: returns at once.
-        assert_eq!(message.settled().await, Some(Outcome::Nacked { delay: None }));
+        assert_eq!(
+            message.settled().await,
+            Some(Outcome::Nacked { delay: None })
+        );
     }
 
     #[test]
@@ -606,9 +619,18 @@ mod tests {
         assert_eq!(MessageId::parse(""), Err(InvalidMessageId::Empty));
         assert!(matches!(
             MessageId::parse(&"x".repeat(256)),
-            Err(InvalidMessageId::TooLong { size_bytes: 256, .. })
+            Err(InvalidMessageId::TooLong {
+                size_bytes: 256,
+                ..
+            })
         ));
-        assert_eq!(MessageId::parse("offset-7").map(|id| id.to_string()).ok().as_deref(), Some("offset-7"));
+        assert_eq!(
+            MessageId::parse("offset-7")
+                .map(|id| id.to_string())
+                .ok()
+                .as_deref(),
+            Some("offset-7")
+        );
     }
 
     #[test]

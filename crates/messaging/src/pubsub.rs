@@ -67,7 +67,9 @@ pub enum PublishError {
     #[error(transparent)]
     InvalidTopic(#[from] InvalidTopic),
     /// A message exceeds the backend's size limit.
-    #[error("message {message_id} of {size_bytes} bytes exceeds the limit of {size_bytes_max} bytes")]
+    #[error(
+        "message {message_id} of {size_bytes} bytes exceeds the limit of {size_bytes_max} bytes"
+    )]
     MessageTooLarge {
         /// The message's id.
         message_id: String,
@@ -217,7 +219,10 @@ mod tests {
         assert!(check_topic("orders.placed").is_ok());
         assert!(check_topic(&"t".repeat(255)).is_ok());
         let long = check_topic(&"t".repeat(256)).err().map(|e| e.reason);
-        assert_eq!(long.as_deref(), Some("a topic of 256 bytes exceeds the limit of 255 bytes"));
+        assert_eq!(
+            long.as_deref(),
+            Some("a topic of 256 bytes exceeds the limit of 255 bytes")
+        );
         assert!(check_topic("").is_err());
         assert!(check_topic("a\nb").is_err());
     }
