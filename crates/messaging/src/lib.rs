@@ -27,7 +27,11 @@
 mod handler;
 mod memory;
 mod message;
+pub mod middleware;
 mod pubsub;
+pub mod source;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use handler::{
     BatchHandler, BoxHandler, ConsumerFn, FnBatchHandler, FnHandler, Handler, HandlerContext,

@@ -625,9 +625,7 @@ impl MemberStream {
                 let base_seq = state.base_seq;
                 let next_seq = state.next_seq();
                 let TopicState { log, groups, .. } = &mut *state;
-                let Some(group) = groups.get_mut(&member.group) else {
-                    return None;
-                };
+                let group = groups.get_mut(&member.group)?;
                 let now = Instant::now();
                 while group
                     .delayed

@@ -56,13 +56,12 @@ impl MessageId {
                 size_bytes_max: MESSAGE_ID_BYTES_MAX,
             });
         }
-        if text.len() == 36 {
-            if let Ok(uuid) = Uuid::try_parse(text) {
-                // Only the canonical spelling maps to the UUID form, so that equality by text holds.
-                if uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()) == text {
-                    return Ok(Self(IdRepr::Uuid(uuid)));
-                }
-            }
+        // Only the canonical spelling maps to the UUID form, so that equality by text holds.
+        if text.len() == 36
+            && let Ok(uuid) = Uuid::try_parse(text)
+            && uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()) == text
+        {
+            return Ok(Self(IdRepr::Uuid(uuid)));
         }
         Ok(Self(IdRepr::Text(Arc::from(text))))
     }

@@ -1,0 +1,1 @@
+//! The event store as a message source.

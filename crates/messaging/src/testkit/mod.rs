@@ -1,0 +1,1 @@
+//! The pub/sub conformance suite (feature `testkit`).
