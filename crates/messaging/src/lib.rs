@@ -29,6 +29,7 @@ mod memory;
 mod message;
 pub mod middleware;
 mod pubsub;
+mod router;
 pub mod source;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -48,6 +49,11 @@ pub use message::{
 pub use pubsub::{
     BoxError, CloseError, InvalidTopic, MessageStream, PublishError, Publisher, ReceiveError,
     SubscribeError, Subscriber, TOPIC_BYTES_MAX, check_topic,
+};
+
+pub use router::{
+    BatchConfig, Concurrency, HandlerBuilder, KeyFn, Plugin, PoisonQueue, Router, RouterConfig,
+    RouterError, RouterHandle, RunReport, RunningRouter, ShutdownOnSignal,
 };
 
 pub use bytes::Bytes;
