@@ -10,6 +10,7 @@
 //! The binary (`src/main.rs`) only parses the command line and prints; [`run`] is the harness.
 
 mod config;
+mod messaging;
 mod report;
 mod runner;
 mod systems;
@@ -18,6 +19,7 @@ mod workloads;
 pub use config::{
     Cell, Cli, Config, DEFAULT_POSTGRES_URL, Profile, Sizes, SystemKind, WorkloadKind,
 };
+pub use messaging::{W7Options, W7Row, W7System, render_w7, run_w7};
 pub use report::{
     CellReport, CellStatus, Ratio, Report, Row, format_ratios, format_table, group_thousands,
     median_round, ratios,

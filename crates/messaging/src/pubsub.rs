@@ -186,10 +186,10 @@ pub struct MessageStream {
 }
 
 impl MessageStream {
-    /// Wraps a backend's stream.
+    /// Wraps a backend's stream. The result is fused: once it ended, it keeps answering `None`.
     pub fn new(stream: impl Stream<Item = Result<Message, ReceiveError>> + Send + 'static) -> Self {
         Self {
-            inner: Box::pin(stream),
+            inner: Box::pin(futures::StreamExt::fuse(stream)),
         }
     }
 }

@@ -191,7 +191,10 @@ impl PoisonQueue {
 
     /// Builder: poison only errors for which `filter` is true; the others are nacked.
     #[must_use]
-    pub fn only_when(mut self, filter: impl Fn(&HandlerError) -> bool + Send + Sync + 'static) -> Self {
+    pub fn only_when(
+        mut self,
+        filter: impl Fn(&HandlerError) -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.filter = Some(Arc::new(filter));
         self
     }
@@ -269,7 +272,8 @@ impl Plugin for ShutdownOnSignal {
             let terminate = async {
                 #[cfg(unix)]
                 {
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
                         Ok(mut signal) => {
                             signal.recv().await;
                         }
@@ -518,7 +522,11 @@ impl Router {
         publish: Option<(&str, Arc<dyn Publisher>)>,
         body: HandlerBody,
     ) -> Result<HandlerBuilder<'_>, RouterError> {
-        if self.handlers.iter().any(|h| &*h.context.handler_name == name) {
+        if self
+            .handlers
+            .iter()
+            .any(|h| &*h.context.handler_name == name)
+        {
             return Err(RouterError::DuplicateHandler {
                 name: name.to_owned(),
             });
@@ -728,12 +736,18 @@ struct Closables {
 
 impl Closables {
     fn publisher(&mut self, publisher: &Arc<dyn Publisher>) {
-        if self.seen.insert(Arc::as_ptr(publisher).cast::<()>() as usize) {
+        if self
+            .seen
+            .insert(Arc::as_ptr(publisher).cast::<()>() as usize)
+        {
             self.publishers.push(publisher.clone());
         }
     }
     fn subscriber(&mut self, subscriber: &Arc<dyn Subscriber>) {
-        if self.seen.insert(Arc::as_ptr(subscriber).cast::<()>() as usize) {
+        if self
+            .seen
+            .insert(Arc::as_ptr(subscriber).cast::<()>() as usize)
+        {
             self.subscribers.push(subscriber.clone());
         }
     }
@@ -832,9 +846,7 @@ impl HandlerRuntime {
             HandlerBody::Batch(..) => None,
         };
         let name = spec.context.handler_name.to_string();
-        let counter = |outcome: &'static str| {
-            metrics::counter!("factline_messages_handled_total", "handler" => name.clone(), "outcome" => outcome)
-        };
+        let counter = |outcome: &'static str| metrics::counter!("factline_messages_handled_total", "handler" => name.clone(), "outcome" => outcome);
         Self {
             context: spec.context.clone(),
             chain,
@@ -849,7 +861,9 @@ impl HandlerRuntime {
     /// Runs one message through the chain and settles it.
     async fn process(&self, message: Message) {
         let Some(chain) = &self.chain else { return };
-        let result = AssertUnwindSafe(chain.handle(message.clone()))
+        // The call is inside the async block so that a handler panicking before it returns its
+        // future (hand-written, not `async fn`) is caught too, not only one panicking in it.
+        let result = AssertUnwindSafe(async { chain.handle(message.clone()).await })
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| Err(panicked(panic)));
@@ -955,7 +969,11 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
 }
 
 /// Waits for the next message unless shutdown begins first.
-async fn next_message(stream: &mut MessageStream, shutdown: &CancellationToken, handler: &str) -> Option<Message> {
+async fn next_message(
+    stream: &mut MessageStream,
+    shutdown: &CancellationToken,
+    handler: &str,
+) -> Option<Message> {
     loop {
         let next = tokio::select! {
             biased;
@@ -975,8 +993,14 @@ async fn next_message(stream: &mut MessageStream, shutdown: &CancellationToken, 
     }
 }
 
-async fn run_sequential(runtime: Arc<HandlerRuntime>, mut stream: MessageStream, shutdown: CancellationToken) {
-    while let Some(message) = next_message(&mut stream, &shutdown, &runtime.context.handler_name).await {
+async fn run_sequential(
+    runtime: Arc<HandlerRuntime>,
+    mut stream: MessageStream,
+    shutdown: CancellationToken,
+) {
+    while let Some(message) =
+        next_message(&mut stream, &shutdown, &runtime.context.handler_name).await
+    {
         runtime.process(message).await;
     }
 }
@@ -1018,7 +1042,9 @@ fn run_per_key(
                 };
                 (hash % senders.len() as u64) as usize
             };
-            let Some(sender) = senders.get(lane) else { break };
+            let Some(sender) = senders.get(lane) else {
+                break;
+            };
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -1046,7 +1072,10 @@ async fn run_batches(
     shutdown: CancellationToken,
 ) {
     let handler_name = runtime.context.handler_name.clone();
-    while let Some(first) = next_message(&mut stream, &shutdown, &handler_name).await {
+    // Set when the stream ends while a batch fills: it must not be polled again (a stream that
+    // returned `None` may panic when polled once more).
+    let mut ended = false;
+    while !ended && let Some(first) = next_message(&mut stream, &shutdown, &handler_name).await {
         let mut batch = Vec::with_capacity(config.size_max.min(1024));
         batch.push(first);
         let deadline = tokio::time::Instant::now() + config.linger;
@@ -1054,16 +1083,22 @@ async fn run_batches(
             let next = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                () = tokio::time::sleep_until(deadline) => break,
+                // Messages already waiting join the batch before the linger is looked at.
                 next = stream.next() => next,
+                () = tokio::time::sleep_until(deadline) => break,
             };
             match next {
                 Some(Ok(message)) => batch.push(message),
-                Some(Err(error)) => tracing::warn!(handler = %handler_name, %error, "subscription error"),
-                None => break,
+                Some(Err(error)) => {
+                    tracing::warn!(handler = %handler_name, %error, "subscription error")
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
             }
         }
-        let result = AssertUnwindSafe(handler.handle_batch(batch.clone()))
+        let result = AssertUnwindSafe(async { handler.handle_batch(batch.clone()).await })
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| Err(panicked(panic)));
