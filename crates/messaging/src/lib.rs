@@ -24,6 +24,7 @@
 //! # }).unwrap();
 //! ```
 
+pub mod cqrs;
 mod handler;
 mod memory;
 mod message;
