@@ -38,6 +38,8 @@ pub struct W7Options {
     pub measure: Duration,
     /// Subscriber counts to run.
     pub subscribers: Vec<usize>,
+    /// Systems to run.
+    pub systems: Vec<W7System>,
     /// Messages per publish call in the throughput phase.
     pub publish_batch: usize,
     /// Messages per second the publisher paces itself to in the latency phase.
@@ -52,6 +54,7 @@ impl W7Options {
             warmup: Duration::from_millis(500),
             measure: Duration::from_secs(2),
             subscribers: vec![1, 16],
+            systems: W7System::ALL.to_vec(),
             publish_batch: 100,
             latency_rate_per_sec: 50_000,
         }
@@ -127,9 +130,9 @@ pub struct W7Row {
 pub async fn run_w7(options: &W7Options) -> Result<Vec<W7Row>> {
     let mut rows = Vec::new();
     for &subscribers in &options.subscribers {
-        let mut rounds: Vec<Vec<W7Row>> = vec![Vec::new(); W7System::ALL.len()];
+        let mut rounds: Vec<Vec<W7Row>> = vec![Vec::new(); options.systems.len()];
         for round in 0..options.rounds {
-            for (index, system) in W7System::ALL.into_iter().enumerate() {
+            for (index, &system) in options.systems.iter().enumerate() {
                 eprintln!(
                     "[factline-bench] W7 round {}/{} {} with {subscribers} subscriber(s)",
                     round + 1,

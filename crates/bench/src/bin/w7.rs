@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use factline_bench::{W7Options, render_w7, run_w7};
+use factline_bench::{W7Options, W7System, render_w7, run_w7};
 
 /// W7: router throughput (handler that acks) and delivery latency, 1 and 16 subscribers.
 #[derive(Debug, Parser)]
@@ -19,6 +19,12 @@ struct Cli {
     /// Rounds (the median is reported).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=99))]
     rounds: Option<u32>,
+    /// Subscriber counts, comma separated (default 1,16).
+    #[arg(long, value_delimiter = ',', value_name = "N,M")]
+    subscribers: Option<Vec<usize>>,
+    /// Systems, comma separated (default: all): factline-router, factline-pubsub, tokio-mpsc.
+    #[arg(long, value_delimiter = ',', value_name = "a,b")]
+    systems: Option<Vec<String>>,
     /// Also write the rows as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
@@ -33,6 +39,20 @@ fn main() -> anyhow::Result<()> {
     } else {
         W7Options::full()
     };
+    if let Some(subscribers) = cli.subscribers {
+        options.subscribers = subscribers.into_iter().map(|n| n.max(1)).collect();
+    }
+    if let Some(names) = cli.systems {
+        let mut systems = Vec::new();
+        for name in names {
+            let system = W7System::ALL
+                .into_iter()
+                .find(|system| system.name() == name.trim())
+                .with_context(|| format!("unknown system {name:?} (known: factline-router, factline-pubsub, tokio-mpsc)"))?;
+            systems.push(system);
+        }
+        options.systems = systems;
+    }
     if let Some(rounds) = cli.rounds {
         options.rounds = rounds as usize;
     }
