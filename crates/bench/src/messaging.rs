@@ -183,9 +183,10 @@ pub fn render_w7(rows: &[W7Row]) -> String {
             .iter()
             .find(|r| r.system == W7System::TokioMpsc.name() && r.subscribers == row.subscribers)
             .map(|r| r.deliveries_per_sec);
-        let ratio = floor
-            .filter(|f| *f > 0.0)
-            .map_or_else(|| "-".to_owned(), |f| format!("{:.2}x", row.deliveries_per_sec / f));
+        let ratio = floor.filter(|f| *f > 0.0).map_or_else(
+            || "-".to_owned(),
+            |f| format!("{:.2}x", row.deliveries_per_sec / f),
+        );
         let _ = writeln!(
             out,
             "{:<16} {:>4} {:>14.0} {:>13.0} {:>9} {:>9} {:>9} {:>10}",
@@ -258,10 +259,9 @@ enum Running {
 impl Running {
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
         match self {
-            Self::PubSub { publisher, .. } => publisher
-                .publish(TOPIC, messages)
-                .await
-                .context("publish"),
+            Self::PubSub { publisher, .. } => {
+                publisher.publish(TOPIC, messages).await.context("publish")
+            }
             Self::Mpsc { senders, .. } => {
                 for message in messages {
                     for sender in senders {
@@ -293,7 +293,8 @@ async fn start(system: W7System, subscribers: usize, sink: &Arc<Sink>) -> Result
     match system {
         W7System::FactlineRouter => {
             let pubsub = InMemoryPubSub::default();
-            let mut router = Router::new(RouterConfig::default().close_timeout(Duration::from_secs(10)));
+            let mut router =
+                Router::new(RouterConfig::default().close_timeout(Duration::from_secs(10)));
             for index in 0..subscribers {
                 let sink = sink.clone();
                 router
@@ -363,15 +364,23 @@ async fn start(system: W7System, subscribers: usize, sink: &Arc<Sink>) -> Result
 }
 
 /// Deliveries/s and published/s at full speed.
-async fn throughput(system: W7System, subscribers: usize, options: &W7Options) -> Result<(f64, f64)> {
+async fn throughput(
+    system: W7System,
+    subscribers: usize,
+    options: &W7Options,
+) -> Result<(f64, f64)> {
     let sink = Sink::new(false, Instant::now())?;
     let running = Arc::new(start(system, subscribers, &sink).await?);
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
     let payload = Bytes::from_static(b"0123456789abcdef");
     let publisher = {
-        let (running, stop, published, batch) =
-            (running.clone(), stop.clone(), published.clone(), options.publish_batch);
+        let (running, stop, published, batch) = (
+            running.clone(),
+            stop.clone(),
+            published.clone(),
+            options.publish_batch,
+        );
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let messages: Vec<Message> =
@@ -394,18 +403,25 @@ async fn throughput(system: W7System, subscribers: usize, options: &W7Options) -
     let sent = published.load(Ordering::Relaxed) - published_0;
     stop.store(true, Ordering::Relaxed);
     publisher.await.context("publisher task")??;
-    let running = Arc::try_unwrap(running).map_err(|_| anyhow::anyhow!("publisher still holds the system"))?;
+    let running = Arc::try_unwrap(running)
+        .map_err(|_| anyhow::anyhow!("publisher still holds the system"))?;
     running.stop().await;
     Ok((delivered as f64 / elapsed, sent as f64 / elapsed))
 }
 
 /// Publish-to-handler latency at a paced rate.
-async fn latency(system: W7System, subscribers: usize, options: &W7Options) -> Result<Histogram<u64>> {
+async fn latency(
+    system: W7System,
+    subscribers: usize,
+    options: &W7Options,
+) -> Result<Histogram<u64>> {
     let epoch = Instant::now();
     let warm_sink = Sink::new(true, epoch)?;
     let running = start(system, subscribers, &warm_sink).await?;
     // Publish every millisecond; a batch carries one millisecond's worth of messages.
-    let per_tick = usize::try_from(options.latency_rate_per_sec / 1_000).unwrap_or(1).max(1);
+    let per_tick = usize::try_from(options.latency_rate_per_sec / 1_000)
+        .unwrap_or(1)
+        .max(1);
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let warm_until = Instant::now() + options.warmup;

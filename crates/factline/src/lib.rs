@@ -6,9 +6,12 @@
 //!   (from `factline-core`);
 //! - `domain` (default): [`domain`] — typed events, aggregates as deciders, repositories;
 //! - `log` (default): [`log`] — the embedded durable engine, `log::LogStore`;
-//! - `testkit`: [`testkit`] — the conformance suite for your own backend.
+//! - `messaging` (default): [`messaging`] — messages with ack/nack, publishers and subscribers,
+//!   the router and its middleware, the in-memory pub/sub, CQRS buses, the store as a source;
+//! - `testkit`: [`testkit`] — the conformance suite for your own backend (and, with
+//!   `messaging`, `messaging::testkit` for your own pub/sub adapter).
 //!
-//! PostgreSQL, messaging and the server arrive as their own crates and features.
+//! PostgreSQL and the broker adapters arrive as their own crates and features.
 
 pub use factline_core::*;
 
@@ -17,3 +20,6 @@ pub use factline_domain as domain;
 
 #[cfg(feature = "log")]
 pub use factline_log as log;
+
+#[cfg(feature = "messaging")]
+pub use factline_messaging as messaging;
