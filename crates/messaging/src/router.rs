@@ -975,10 +975,16 @@ async fn next_message(
     handler: &str,
 ) -> Option<Message> {
     loop {
+        // The flag first, then the stream: while messages are ready the shutdown future is
+        // never polled (polling it registers a waiter, a lock per message); a shutdown is seen
+        // at the next message at the latest.
+        if shutdown.is_cancelled() {
+            return None;
+        }
         let next = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return None,
             next = stream.next() => next,
+            () = shutdown.cancelled() => return None,
         };
         match next {
             Some(Ok(message)) => return Some(message),
