@@ -18,7 +18,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -137,7 +137,7 @@ impl InMemoryPubSub {
     pub fn publisher(&self) -> InMemoryPublisher {
         InMemoryPublisher {
             pubsub: self.clone(),
-            closed: Arc::new(AtomicBool::new(false)),
+            closed: CancellationToken::new(),
         }
     }
 
@@ -182,8 +182,17 @@ impl InMemoryPubSub {
         })
     }
 
-    fn topic(&self, name: &str) -> Arc<Topic> {
-        let mut topics = lock(&self.shared.topics);
+    /// The topic to publish to; `None` when it does not exist and would not keep messages.
+    fn topic_for_publish(&self, name: &str) -> Option<Arc<Topic>> {
+        if !self.shared.config.persistent {
+            return lock(&self.shared.topics).get(name).cloned();
+        }
+        Some(self.topic(&mut lock(&self.shared.topics), name))
+    }
+
+    /// The topic `name`, created when missing. Called with the topic map locked, so that a
+    /// topic is never removed between being looked up and gaining a group.
+    fn topic(&self, topics: &mut HashMap<Arc<str>, Arc<Topic>>, name: &str) -> Arc<Topic> {
         if let Some(topic) = topics.get(name) {
             return topic.clone();
         }
@@ -227,6 +236,14 @@ pub struct GroupStats {
     pub redeliveries_waiting: usize,
 }
 
+/// `now + delay`, or a point a century away when that does not fit in an `Instant`.
+fn deadline_after(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves consistent data (no multi-step updates
     // across an await or a callback), so a poisoned lock is still usable.
@@ -266,6 +283,12 @@ impl TopicState {
     /// Drops what no group can still need: taken by every active group, and (persistent
     /// topics) beyond the retention window.
     fn trim(&mut self, persistent: bool, capacity: usize) {
+        self.trim_for(persistent, capacity, 0);
+    }
+
+    /// [`TopicState::trim`], making room for `incoming` more messages when the retention
+    /// window allows it (persistent topics drop their oldest retained messages).
+    fn trim_for(&mut self, persistent: bool, capacity: usize, incoming: usize) {
         let head = self.next_seq();
         let needed_from = self
             .groups
@@ -276,7 +299,7 @@ impl TopicState {
             .unwrap_or(head);
         let keep_from = if persistent {
             // Keep the newest `capacity`, but never drop what an active group still needs.
-            needed_from.min(head.saturating_sub(capacity as u64))
+            needed_from.min((head + incoming as u64).saturating_sub(capacity as u64))
         } else {
             needed_from
         };
@@ -326,13 +349,13 @@ impl Ord for Delayed {
 #[derive(Clone)]
 pub struct InMemoryPublisher {
     pubsub: InMemoryPubSub,
-    closed: Arc<AtomicBool>,
+    closed: CancellationToken,
 }
 
 impl fmt::Debug for InMemoryPublisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InMemoryPublisher")
-            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("closed", &self.closed.is_cancelled())
             .finish()
     }
 }
@@ -340,21 +363,28 @@ impl fmt::Debug for InMemoryPublisher {
 #[async_trait]
 impl Publisher for InMemoryPublisher {
     async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<(), PublishError> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.closed.is_cancelled() {
             return Err(PublishError::Closed);
         }
         check_topic(topic)?;
         if messages.is_empty() {
             return Ok(());
         }
-        let topic = self.pubsub.topic(topic);
+        let Some(topic) = self.pubsub.topic_for_publish(topic) else {
+            // Not persistent and nobody subscribed: the messages go nowhere.
+            return Ok(());
+        };
         let deadline = self
             .pubsub
             .shared
             .config
             .publish_timeout
-            .map(|timeout| (Instant::now() + timeout, timeout));
-        let mut pending = messages.into_iter().peekable();
+            .map(|timeout| (deadline_after(timeout), timeout));
+        // Copies without deliveries, made before any lock is taken: dropping a received
+        // message's last clone settles it, and settling locks its topic.
+        let detached: Vec<Message> = messages.iter().map(Message::detached).collect();
+        drop(messages);
+        let mut pending = detached.into_iter().peekable();
         while pending.peek().is_some() {
             let space = topic.space_ready.notified();
             tokio::pin!(space);
@@ -366,19 +396,16 @@ impl Publisher for InMemoryPublisher {
                     return Ok(());
                 }
                 let mut room = topic.capacity.saturating_sub(state.log.len());
-                if room == 0 {
-                    state.trim(topic.persistent, topic.capacity);
+                if room < pending.len() {
+                    state.trim_for(topic.persistent, topic.capacity, pending.len());
                     room = topic.capacity.saturating_sub(state.log.len());
                 }
                 let mut published = 0;
                 while room > 0 {
                     let Some(message) = pending.next() else { break };
-                    state.log.push_back(message.detached());
+                    state.log.push_back(message);
                     room -= 1;
                     published += 1;
-                }
-                if topic.persistent {
-                    state.trim(true, topic.capacity);
                 }
                 published > 0
             };
@@ -388,17 +415,18 @@ impl Publisher for InMemoryPublisher {
             if pending.peek().is_none() {
                 break;
             }
-            if self.closed.load(Ordering::Acquire) {
+            if self.closed.is_cancelled() {
                 return Err(PublishError::Closed);
             }
-            match deadline {
-                None => space.await,
-                Some((deadline, timeout)) => {
-                    if tokio::time::timeout_at(deadline, space).await.is_err() {
-                        return Err(PublishError::TimedOut {
-                            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                        });
-                    }
+            let far = deadline_after(Duration::MAX);
+            let (wait_until, timeout) = deadline.unwrap_or((far, Duration::MAX));
+            tokio::select! {
+                () = space => {}
+                () = self.closed.cancelled() => return Err(PublishError::Closed),
+                () = tokio::time::sleep_until(wait_until) => {
+                    return Err(PublishError::TimedOut {
+                        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    });
                 }
             }
         }
@@ -406,8 +434,9 @@ impl Publisher for InMemoryPublisher {
     }
 
     async fn close(&self) -> Result<(), CloseError> {
-        // Publishes are synchronous into the topic: nothing to flush.
-        self.closed.store(true, Ordering::Release);
+        // Publishes are synchronous into the topic: nothing to flush. A publish waiting for
+        // room gives up with `Closed`.
+        self.closed.cancel();
         Ok(())
     }
 }
@@ -436,7 +465,6 @@ impl Subscriber for InMemorySubscriber {
             return Err(SubscribeError::Closed);
         }
         check_topic(topic_name)?;
-        let topic = self.pubsub.topic(topic_name);
         let (key, named) = match &self.group {
             Some(name) => (name.clone(), true),
             None => {
@@ -448,7 +476,9 @@ impl Subscriber for InMemorySubscriber {
                 (Arc::from(format!("\u{0}anonymous-{n}")), false)
             }
         };
-        {
+        let topic = {
+            let mut topics = lock(&self.pubsub.shared.topics);
+            let topic = self.pubsub.topic(&mut topics, topic_name);
             let mut state = topic.lock();
             // A new group starts at the oldest retained message (persistent) or at the end.
             let start = if topic.persistent {
@@ -468,8 +498,12 @@ impl Subscriber for InMemorySubscriber {
                     delayed_counter: 0,
                 });
             group.members += 1;
-        }
+            drop(state);
+            topic
+        };
         let member = Arc::new(Member {
+            pubsub: Arc::downgrade(&self.pubsub.shared),
+            name: Arc::from(topic_name),
             topic,
             group: key,
             in_flight: AtomicUsize::new(0),
@@ -499,6 +533,9 @@ impl Subscriber for InMemorySubscriber {
 
 /// One subscription's link to its group.
 struct Member {
+    /// To remove the topic when its last group leaves (non-persistent topics).
+    pubsub: std::sync::Weak<Shared>,
+    name: Arc<str>,
     topic: Arc<Topic>,
     group: Arc<str>,
     in_flight: AtomicUsize,
@@ -519,7 +556,7 @@ impl Member {
                     group.delayed_counter += 1;
                     let order = group.delayed_counter;
                     group.delayed.push(Reverse(Delayed {
-                        due: Instant::now() + delay,
+                        due: deadline_after(delay),
                         order,
                         message,
                     }));
@@ -537,6 +574,9 @@ struct MemberGuard(Arc<Member>);
 impl Drop for MemberGuard {
     fn drop(&mut self) {
         let topic = &self.0.topic;
+        // Lock order: the topic map, then the topic (as in subscribe).
+        let shared = self.0.pubsub.upgrade();
+        let mut topics = shared.as_ref().map(|shared| lock(&shared.topics));
         {
             let mut state = topic.lock();
             let remove = match state.groups.get_mut(&self.0.group) {
@@ -550,7 +590,19 @@ impl Drop for MemberGuard {
                 state.groups.remove(&self.0.group);
             }
             state.trim(topic.persistent, topic.capacity);
+            if !topic.persistent && state.groups.is_empty() {
+                // Nobody listens and nothing is kept: forget the topic, so that the map does
+                // not grow with every name ever used.
+                if let Some(topics) = topics.as_mut()
+                    && topics
+                        .get(&self.0.name)
+                        .is_some_and(|current| Arc::ptr_eq(current, topic))
+                {
+                    topics.remove(&self.0.name);
+                }
+            }
         }
+        drop(topics);
         topic.space_ready.notify_waiters();
     }
 }
@@ -564,14 +616,16 @@ struct MemoryDelivery {
 
 impl Acknowledger for MemoryDelivery {
     fn settled(&self, outcome: Outcome) {
-        let previous = self.member.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if previous >= self.member.in_flight_max {
-            self.member.slot_freed.notify_waiters();
-        }
+        // Queue the redelivery before freeing the slot, so that a subscription waiting for
+        // the slot finds the refused message first (order at in_flight_max = 1).
         match outcome {
             Outcome::Acked => {}
             Outcome::Nacked { delay } => self.member.redeliver(self.message.clone(), delay),
             Outcome::Dropped => self.member.redeliver(self.message.clone(), None),
+        }
+        let previous = self.member.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if previous >= self.member.in_flight_max {
+            self.member.slot_freed.notify_waiters();
         }
     }
 }
@@ -646,7 +700,10 @@ impl MemberStream {
                 // A group that fell behind the retention window skips what it lost.
                 group.cursor = group.cursor.max(base_seq);
                 let mut advanced = false;
-                while taken.len() < free && group.cursor < next_seq {
+                // At in_flight_max = 1 order holds across redeliveries: while a refused message
+                // waits out its delay, nothing after it is delivered.
+                let hold_for_delayed = member.in_flight_max == 1 && !group.delayed.is_empty();
+                while !hold_for_delayed && taken.len() < free && group.cursor < next_seq {
                     let index = usize::try_from(group.cursor - base_seq).unwrap_or(usize::MAX);
                     let Some(message) = log.get(index) else { break };
                     taken.push(message.clone());
@@ -779,5 +836,141 @@ mod tests {
             Err(PublishError::TimedOut { timeout_ms: 50 })
         ));
         assert_eq!(pubsub.topic_stats("t").unwrap().held_messages, 8);
+    }
+
+    #[tokio::test]
+    async fn a_persistent_topic_keeps_the_newest_messages_and_never_wedges() {
+        let pubsub = InMemoryPubSub::new(
+            InMemoryConfig::default()
+                .persistent(true)
+                .topic_messages_max(8)
+                .publish_timeout(Some(Duration::from_secs(5))),
+        );
+        let publisher = pubsub.publisher();
+        for i in 0..20 {
+            publisher
+                .publish("t", vec![Message::new(format!("{i}"))])
+                .await
+                .unwrap();
+        }
+        publisher
+            .publish(
+                "t",
+                (20..25).map(|i| Message::new(format!("{i}"))).collect(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(pubsub.topic_stats("t").unwrap().held_messages, 8);
+        let mut late = pubsub.subscriber().subscribe("t").await.unwrap();
+        let got = take(&mut late, 8).await;
+        assert_eq!(
+            payloads(&got),
+            ["17", "18", "19", "20", "21", "22", "23", "24"]
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_the_publisher_ends_a_publish_waiting_for_room() {
+        let pubsub = InMemoryPubSub::new(InMemoryConfig::default().topic_messages_max(2));
+        let _stream = pubsub.subscriber().subscribe("t").await.unwrap();
+        let publisher = pubsub.publisher();
+        let waiting = {
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                publisher
+                    .publish("t", (0..3).map(|i| Message::new(format!("{i}"))).collect())
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        publisher.close().await.unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert!(
+            matches!(result, Ok(Ok(Err(PublishError::Closed)))),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delayed_nack_holds_later_messages_at_in_flight_one() {
+        let pubsub = InMemoryPubSub::new(InMemoryConfig::default().in_flight_max(1));
+        let mut stream = pubsub.subscriber().subscribe("t").await.unwrap();
+        pubsub
+            .publisher()
+            .publish("t", vec![Message::new("a"), Message::new("b")])
+            .await
+            .unwrap();
+        let first = take(&mut stream, 1).await.remove(0);
+        assert!(first.nack_with_delay(Duration::from_millis(150)));
+        let again = take(&mut stream, 1).await.remove(0);
+        assert_eq!(&again.payload[..], b"a", "b overtook the delayed a");
+        again.ack();
+        assert_eq!(&take(&mut stream, 1).await[0].payload[..], b"b");
+    }
+
+    #[tokio::test]
+    async fn republishing_a_received_message_does_not_deadlock() {
+        let pubsub = InMemoryPubSub::default();
+        let mut stream = pubsub.subscriber().subscribe("t").await.unwrap();
+        let mut copies = pubsub.subscriber().subscribe("copies").await.unwrap();
+        let publisher = pubsub.publisher();
+        publisher
+            .publish("t", vec![Message::new("a")])
+            .await
+            .unwrap();
+        let received = take(&mut stream, 1).await.remove(0);
+        // The last clone of a delivery is dropped inside publish: it settles (Dropped) and
+        // goes back to "t" — without the publish holding a topic lock at that moment.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            publisher.publish("copies", vec![received]),
+        )
+        .await
+        .expect("publish finished")
+        .unwrap();
+        assert_eq!(&take(&mut copies, 1).await[0].payload[..], b"a");
+        assert_eq!(
+            &take(&mut stream, 1).await[0].payload[..],
+            b"a",
+            "redelivered after the drop"
+        );
+    }
+
+    #[tokio::test]
+    async fn topics_nobody_listens_to_are_forgotten() {
+        let pubsub = InMemoryPubSub::default();
+        pubsub
+            .publisher()
+            .publish("nobody", vec![Message::new("x")])
+            .await
+            .unwrap();
+        assert!(pubsub.topic_stats("nobody").is_none());
+        let stream = pubsub.subscriber().subscribe("t").await.unwrap();
+        assert!(pubsub.topic_stats("t").is_some());
+        drop(stream);
+        assert!(pubsub.topic_stats("t").is_none());
+        // A new subscription gets a working topic again.
+        let mut stream = pubsub.subscriber().subscribe("t").await.unwrap();
+        pubsub
+            .publisher()
+            .publish("t", vec![Message::new("y")])
+            .await
+            .unwrap();
+        assert_eq!(&take(&mut stream, 1).await[0].payload[..], b"y");
+    }
+
+    #[tokio::test]
+    async fn a_huge_nack_delay_does_not_panic_or_lose_the_message() {
+        let pubsub = InMemoryPubSub::default();
+        let mut stream = pubsub.subscriber().subscribe("t").await.unwrap();
+        pubsub
+            .publisher()
+            .publish("t", vec![Message::new("a")])
+            .await
+            .unwrap();
+        let first = take(&mut stream, 1).await.remove(0);
+        assert!(first.nack_with_delay(Duration::MAX));
+        let stats = pubsub.topic_stats("t").unwrap();
+        assert_eq!(stats.groups[0].redeliveries_waiting, 1);
     }
 }

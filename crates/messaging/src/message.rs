@@ -142,8 +142,17 @@ impl<'de> serde::Deserialize<'de> for MessageId {
 }
 
 /// String metadata of a message. Cloning is cheap (shared until written).
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Metadata(Option<Arc<BTreeMap<String, String>>>);
+
+/// Equal when the entries are, however the metadata was built.
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Metadata {}
 
 impl Metadata {
     /// The id tying together everything caused by one original request.
@@ -191,7 +200,11 @@ impl Metadata {
         if !map.contains_key(key) {
             return None;
         }
-        Arc::make_mut(map).remove(key)
+        let removed = Arc::make_mut(map).remove(key);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        removed
     }
 
     /// The number of entries.
@@ -290,6 +303,12 @@ const NACKED: u8 = 2;
 const DROPPED: u8 = 3;
 /// Set while somebody waits in [`Message::settled`].
 const WAITING: u8 = 0b1000_0000;
+/// `nack_delay_ms` before the winning nack wrote it.
+const NACK_DELAY_UNWRITTEN: u64 = u64::MAX;
+/// `nack_delay_ms` of a nack without delay.
+const NACK_NO_DELAY: u64 = u64::MAX - 1;
+/// Longest nack delay kept, in ms (longer ones are clamped).
+const NACK_DELAY_MS_MAX: u64 = u64::MAX - 2;
 
 struct Delivery<A: ?Sized + Acknowledger> {
     state: AtomicU8,
@@ -302,13 +321,6 @@ struct Delivery<A: ?Sized + Acknowledger> {
 impl<A: ?Sized + Acknowledger> Delivery<A> {
     /// Moves from pending to `to`; true when this call did it.
     fn settle(&self, to: u8, delay: Option<Duration>) -> bool {
-        if to == NACKED {
-            let delay_ms = delay.map_or(u64::MAX, |d| {
-                u64::try_from(d.as_millis()).unwrap_or(u64::MAX - 1)
-            });
-            // Written before the state is published; a losing nack writes a value nobody reads.
-            self.nack_delay_ms.store(delay_ms, Ordering::Relaxed);
-        }
         let mut current = self.state.load(Ordering::Acquire);
         loop {
             if current & !WAITING != PENDING {
@@ -324,7 +336,21 @@ impl<A: ?Sized + Acknowledger> Delivery<A> {
                 Err(actual) => current = actual,
             }
         }
-        self.acknowledger.settled(self.outcome_of(to));
+        // Only the winner writes the delay, right after winning; readers that see NACKED
+        // before the write wait for it (`outcome_of`).
+        let outcome = match to {
+            ACKED => Outcome::Acked,
+            NACKED => {
+                let delay_ms = delay.map_or(NACK_NO_DELAY, |d| {
+                    u64::try_from(d.as_millis())
+                        .map_or(NACK_DELAY_MS_MAX, |ms| ms.min(NACK_DELAY_MS_MAX))
+                });
+                self.nack_delay_ms.store(delay_ms, Ordering::Release);
+                Outcome::Nacked { delay }
+            }
+            _ => Outcome::Dropped,
+        };
+        self.acknowledger.settled(outcome);
         if current & WAITING != 0 {
             self.settled.notify_waiters();
         }
@@ -335,9 +361,14 @@ impl<A: ?Sized + Acknowledger> Delivery<A> {
         match state & !WAITING {
             ACKED => Outcome::Acked,
             NACKED => {
-                let delay_ms = self.nack_delay_ms.load(Ordering::Relaxed);
+                let mut delay_ms = self.nack_delay_ms.load(Ordering::Acquire);
+                while delay_ms == NACK_DELAY_UNWRITTEN {
+                    // The winner is between its state change and this write: a few instructions.
+                    std::hint::spin_loop();
+                    delay_ms = self.nack_delay_ms.load(Ordering::Acquire);
+                }
                 Outcome::Nacked {
-                    delay: (delay_ms != u64::MAX).then(|| Duration::from_millis(delay_ms)),
+                    delay: (delay_ms != NACK_NO_DELAY).then(|| Duration::from_millis(delay_ms)),
                 }
             }
             _ => Outcome::Dropped,
@@ -411,7 +442,7 @@ impl Message {
     pub fn delivered<A: Acknowledger>(self, acknowledger: A) -> Self {
         let delivery: Arc<Delivery<dyn Acknowledger>> = Arc::new(Delivery {
             state: AtomicU8::new(PENDING),
-            nack_delay_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+            nack_delay_ms: std::sync::atomic::AtomicU64::new(NACK_DELAY_UNWRITTEN),
             settled: Notify::new(),
             acknowledger,
         });
@@ -642,5 +673,35 @@ mod tests {
         assert_eq!(copy.remove("a").as_deref(), Some("1"));
         assert_eq!(original.get("a"), Some("1"));
         assert!(Metadata::new().is_empty());
+    }
+
+    #[test]
+    fn metadata_equality_ignores_how_it_was_built() {
+        let mut emptied = Metadata::new().with("a", "1");
+        emptied.remove("a");
+        assert_eq!(emptied, Metadata::new());
+        assert!(emptied.is_empty());
+        let built: Metadata = [("a", "1")].into_iter().collect();
+        assert_eq!(built, Metadata::new().with("a", "1"));
+    }
+
+    #[test]
+    fn concurrent_nacks_report_the_winners_delay() {
+        for _ in 0..200 {
+            let recorder = Recorder::default();
+            let message = Message::new("x").delivered(recorder.clone());
+            let other = message.clone();
+            let racer = std::thread::spawn(move || other.nack());
+            let won = message.nack_with_delay(Duration::from_secs(5));
+            let racer_won = racer.join().unwrap_or(false);
+            assert!(won != racer_won, "exactly one nack wins");
+            let expected = if won {
+                Some(Duration::from_secs(5))
+            } else {
+                None
+            };
+            assert_eq!(recorder.seen(), vec![Outcome::Nacked { delay: expected }]);
+            assert_eq!(message.outcome(), Some(Outcome::Nacked { delay: expected }));
+        }
     }
 }

@@ -189,7 +189,8 @@ impl PoisonQueue {
         })
     }
 
-    /// Builder: poison only errors for which `filter` is true; the others are nacked.
+    /// Builder: poison only errors for which `filter` is true; the others are nacked. (Open
+    /// circuits and duplicates in progress elsewhere are never poisoned.)
     #[must_use]
     pub fn only_when(
         mut self,
@@ -204,7 +205,16 @@ impl PoisonQueue {
         &self.topic
     }
 
+    /// Never the refusals that are not the message's fault — a circuit breaker that is open,
+    /// a duplicate being handled elsewhere right now: those are nacked (with their delay) and
+    /// come back. Otherwise what the filter allows (everything without one).
     fn takes(&self, error: &HandlerError) -> bool {
+        if matches!(
+            error.kind(),
+            HandlerErrorKind::CircuitOpen | HandlerErrorKind::InProgressElsewhere
+        ) {
+            return false;
+        }
         self.filter.as_ref().is_none_or(|filter| filter(error))
     }
 
@@ -477,7 +487,7 @@ impl Router {
         )
     }
 
-    /// Adds a handler that only consumes (its output, if any, is an error).
+    /// Adds a handler that only consumes (output it returns anyway is dropped with a warning).
     pub fn add_consumer_handler(
         &mut self,
         name: &str,
@@ -1084,7 +1094,10 @@ async fn run_batches(
     while !ended && let Some(first) = next_message(&mut stream, &shutdown, &handler_name).await {
         let mut batch = Vec::with_capacity(config.size_max.min(1024));
         batch.push(first);
-        let deadline = tokio::time::Instant::now() + config.linger;
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(config.linger)
+            .unwrap_or(now + Duration::from_secs(3600));
         while batch.len() < config.size_max {
             let next = tokio::select! {
                 biased;
