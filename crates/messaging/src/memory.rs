@@ -10,7 +10,8 @@
 //! [`InMemoryConfig::in_flight_max`] per subscription), not by the log.
 //!
 //! Without [`InMemoryConfig::persistent`], a message is kept only until every group present
-//! when it was published has taken it, and a group disappears with its last subscription. With
+//! when it was published has taken it, a group disappears with its last subscription, and a
+//! topic with no group left is forgotten (memory does not grow with every topic name used). With
 //! it, the newest [`InMemoryConfig::topic_messages_max`] messages stay for late subscribers and
 //! named groups keep their cursor while no member is connected (a group offline longer than the
 //! retention window misses what fell out of it, like a broker's retention).
