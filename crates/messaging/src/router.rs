@@ -38,6 +38,7 @@ use crate::handler::{
     HandlerResult, Middleware,
 };
 use crate::message::Message;
+use crate::middleware::recoverer;
 use crate::pubsub::{
     InvalidTopic, MessageStream, PublishError, Publisher, SubscribeError, Subscriber, check_topic,
 };
@@ -970,12 +971,7 @@ fn nack(message: &Message, error: &HandlerError) {
 }
 
 fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with a non-text payload".to_owned());
-    HandlerError::with_kind(HandlerErrorKind::Panicked, text)
+    recoverer::panic_error(recoverer::panic_message(&*panic))
 }
 
 /// Waits for the next message unless shutdown begins first.

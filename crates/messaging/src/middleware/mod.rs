@@ -83,7 +83,7 @@ mod circuit_breaker;
 mod correlation;
 mod dedup;
 mod delay_on_error;
-mod recoverer;
+pub(crate) mod recoverer;
 mod retry;
 mod throttle;
 mod timeout;

@@ -58,7 +58,13 @@ impl PanicError {
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+/// The error a caught panic becomes: kind `Panicked`, source a [`PanicError`] with its message.
+/// The router's own last-resort catch uses it too.
+pub(crate) fn panic_error(message: String) -> HandlerError {
+    HandlerError::with_kind(HandlerErrorKind::Panicked, PanicError { message })
+}
+
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&'static str>() {
         (*text).to_owned()
     } else if let Some(text) = payload.downcast_ref::<String>() {
@@ -91,10 +97,7 @@ impl Handler for RecovererHandler {
                 panic = %message,
                 "handler panicked"
             );
-            Err(HandlerError::with_kind(
-                HandlerErrorKind::Panicked,
-                PanicError { message },
-            ))
+            Err(panic_error(message))
         })
     }
 }
