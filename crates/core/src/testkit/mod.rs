@@ -120,8 +120,16 @@ macro_rules! event_store_conformance {
             snapshots_keep_the_newest,
         }
     };
-    ($(#[$attr:meta])* $factory:expr $(,)?) => {
-        $crate::event_store_conformance! { @list @emit [$(#[$attr])*] ($factory) }
+    // The attributes are taken one at a time: an expression may itself start with `#[…]`, so
+    // `$(#[$attr:meta])* $factory:expr` would be ambiguous.
+    (@attrs [$($done:tt)*] #[$attr:meta] $($rest:tt)*) => {
+        $crate::event_store_conformance! { @attrs [$($done)* #[$attr]] $($rest)* }
+    };
+    (@attrs [$($done:tt)*] $factory:expr $(,)?) => {
+        $crate::event_store_conformance! { @list @emit [$($done)*] ($factory) }
+    };
+    ($($input:tt)*) => {
+        $crate::event_store_conformance! { @attrs [] $($input)* }
     };
 }
 

@@ -1,0 +1,189 @@
+//! Every statement the store runs, with the schema filled in once at open. Statements are
+//! prepared and cached per connection by sqlx, keyed by their text.
+
+use std::sync::Arc;
+
+use crate::schema::SchemaName;
+
+/// Columns of a recorded event, in the order [`crate::rows::decode_event`] reads them.
+pub(crate) const EVENT_COLUMNS: &str =
+    "position, stream, revision, id, event_type, content_type, data, metadata, recorded_at";
+
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) schema: SchemaName,
+    pub(crate) channel: String,
+    pub(crate) lock_head: Arc<str>,
+    pub(crate) head: Arc<str>,
+    pub(crate) select_streams: Arc<str>,
+    pub(crate) select_known_ids: Arc<str>,
+    pub(crate) write: Arc<str>,
+    pub(crate) stream_row: Arc<str>,
+    pub(crate) first_unexpired: Arc<str>,
+    pub(crate) read_stream_forwards: Arc<str>,
+    pub(crate) read_stream_backwards: Arc<str>,
+    pub(crate) read_all_forwards: Arc<str>,
+    pub(crate) read_all_backwards: Arc<str>,
+    pub(crate) set_metadata: Arc<str>,
+    pub(crate) soft_delete: Arc<str>,
+    pub(crate) tombstone: Arc<str>,
+    pub(crate) delete_snapshot: Arc<str>,
+    pub(crate) notify: Arc<str>,
+    pub(crate) save_snapshot: Arc<str>,
+    pub(crate) load_snapshot: Arc<str>,
+    pub(crate) stream_for_share: Arc<str>,
+    pub(crate) load_checkpoint: Arc<str>,
+    pub(crate) save_checkpoint: Arc<str>,
+    pub(crate) delete_checkpoint: Arc<str>,
+}
+
+impl Sql {
+    pub(crate) fn new(schema: &SchemaName) -> Self {
+        let s = schema.quoted();
+        let arc = |text: String| -> Arc<str> { text.into() };
+        Self {
+            schema: schema.clone(),
+            channel: schema.channel(),
+            lock_head: arc(format!(
+                "SELECT next_position, last_recorded_at, clock_timestamp() \
+                 FROM {s}.log_head FOR UPDATE"
+            )),
+            head: arc(format!("SELECT next_position FROM {s}.log_head")),
+            select_streams: arc(format!(
+                "SELECT stream, last_revision, last_recorded_at, max_count, max_age_us, \
+                        truncate_before, tombstoned \
+                 FROM {s}.streams WHERE stream = ANY($1)"
+            )),
+            select_known_ids: arc(format!(
+                "SELECT stream, id, revision, position, recorded_at \
+                 FROM {s}.events WHERE id = ANY($1)"
+            )),
+            write: arc(format!(
+                "WITH appended AS (
+                     INSERT INTO {s}.events
+                         (position, stream, revision, id, event_type, category, content_type,
+                          data, metadata, recorded_at)
+                     SELECT e.position, e.stream, e.revision, e.id, e.event_type, e.category,
+                            e.content_type, e.data, e.metadata, $10
+                     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[],
+                                 $6::text[], $7::smallint[], $8::bytea[], $9::bytea[])
+                          AS e(position, stream, revision, id, event_type, category,
+                               content_type, data, metadata)
+                 ),
+                 heads AS (
+                     INSERT INTO {s}.streams (stream, last_revision, last_recorded_at)
+                     SELECT h.stream, h.last_revision, $10
+                     FROM unnest($11::text[], $12::bigint[]) AS h(stream, last_revision)
+                     ON CONFLICT (stream) DO UPDATE
+                         SET last_revision = EXCLUDED.last_revision,
+                             last_recorded_at = EXCLUDED.last_recorded_at
+                 )
+                 UPDATE {s}.log_head SET next_position = $13, last_recorded_at = $10
+                 RETURNING pg_notify($14, next_position::text)"
+            )),
+            stream_row: arc(format!(
+                "SELECT last_revision, last_recorded_at, max_count, max_age_us, \
+                        truncate_before, tombstoned \
+                 FROM {s}.streams WHERE stream = $1"
+            )),
+            first_unexpired: arc(format!(
+                "SELECT min(revision) FROM {s}.events \
+                 WHERE stream = $1 AND revision >= $2 AND revision <= $3 AND recorded_at >= $4"
+            )),
+            read_stream_forwards: arc(format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events \
+                 WHERE stream = $1 AND revision >= $2 AND revision <= $3 \
+                 ORDER BY revision LIMIT $4"
+            )),
+            read_stream_backwards: arc(format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events \
+                 WHERE stream = $1 AND revision >= $2 AND revision <= $3 \
+                 ORDER BY revision DESC LIMIT $4"
+            )),
+            read_all_forwards: arc(format!(
+                "SELECT {EVENT_COLUMNS}, (SELECT next_position FROM {s}.log_head) \
+                 FROM {s}.events WHERE position >= $1 ORDER BY position LIMIT $2"
+            )),
+            read_all_backwards: arc(format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events \
+                 WHERE position <= $1 ORDER BY position DESC LIMIT $2"
+            )),
+            set_metadata: arc(format!(
+                "INSERT INTO {s}.streams (stream, max_count, max_age_us, truncate_before) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (stream) DO UPDATE SET max_count = EXCLUDED.max_count, \
+                     max_age_us = EXCLUDED.max_age_us, \
+                     truncate_before = EXCLUDED.truncate_before"
+            )),
+            soft_delete: arc(format!(
+                "UPDATE {s}.streams SET truncate_before = $2 WHERE stream = $1"
+            )),
+            tombstone: arc(format!(
+                "INSERT INTO {s}.streams (stream, tombstoned) VALUES ($1, true) \
+                 ON CONFLICT (stream) DO UPDATE SET tombstoned = true"
+            )),
+            delete_snapshot: arc(format!("DELETE FROM {s}.snapshots WHERE stream = $1")),
+            notify: arc("SELECT pg_notify($1, '')".to_owned()),
+            save_snapshot: arc(format!(
+                "INSERT INTO {s}.snapshots (stream, revision, state_version, state, taken_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (stream) DO UPDATE SET revision = EXCLUDED.revision, \
+                     state_version = EXCLUDED.state_version, state = EXCLUDED.state, \
+                     taken_at = EXCLUDED.taken_at \
+                 WHERE {s}.snapshots.revision <= EXCLUDED.revision"
+            )),
+            load_snapshot: arc(format!(
+                "SELECT revision, state_version, state, taken_at FROM {s}.snapshots \
+                 WHERE stream = $1"
+            )),
+            stream_for_share: arc(format!(
+                "SELECT tombstoned FROM {s}.streams WHERE stream = $1 FOR SHARE"
+            )),
+            load_checkpoint: arc(format!(
+                "SELECT position FROM {s}.checkpoints WHERE name = $1"
+            )),
+            save_checkpoint: arc(format!(
+                "INSERT INTO {s}.checkpoints (name, position, updated_at) VALUES ($1, $2, now()) \
+                 ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, \
+                     updated_at = EXCLUDED.updated_at"
+            )),
+            delete_checkpoint: arc(format!("DELETE FROM {s}.checkpoints WHERE name = $1")),
+        }
+    }
+
+    /// A `$all` read with a filter, within `position >= $1 AND position < $2` (forwards) or
+    /// `position <= $1 AND position >= $2` (backwards), at most `$3` rows. The filter's values
+    /// are bound from `$4` on, in the order category, stream prefix, event-type prefix (only
+    /// those present).
+    pub(crate) fn read_all_filtered(
+        &self,
+        forwards: bool,
+        category: bool,
+        stream_prefix: bool,
+        type_prefix: bool,
+    ) -> String {
+        let s = self.schema.quoted();
+        let mut predicates = vec![if forwards {
+            "position >= $1 AND position < $2".to_owned()
+        } else {
+            "position <= $1 AND position >= $2".to_owned()
+        }];
+        let mut next = 4;
+        if category {
+            predicates.push(format!("category = ${next}"));
+            next += 1;
+        }
+        if stream_prefix {
+            predicates.push(format!("starts_with(stream, ${next})"));
+            next += 1;
+        }
+        if type_prefix {
+            predicates.push(format!("starts_with(event_type, ${next})"));
+        }
+        let order = if forwards { "" } else { " DESC" };
+        format!(
+            "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE {} ORDER BY position{order} LIMIT $3",
+            predicates.join(" AND ")
+        )
+    }
+}
