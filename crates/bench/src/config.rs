@@ -11,7 +11,7 @@ pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test"
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "factline-bench",
-    about = "Side-by-side benchmark: factline-log against an fsync floor, SQLite, PostgreSQL and cqrs-es",
+    about = "Side-by-side benchmark: factline-log and factline-postgres against an fsync floor, SQLite, PostgreSQL and cqrs-es",
     long_about = None
 )]
 pub struct Cli {
@@ -25,7 +25,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Systems to run, comma separated (default: all): factline-log, factline-http, factline-memory,
-    /// fsync-floor, sqlite, postgres, cqrs-es.
+    /// fsync-floor, sqlite, factline-postgres, postgres, cqrs-es.
     #[arg(long, value_delimiter = ',', value_name = "a,b,c")]
     pub systems: Option<Vec<SystemKind>>,
     /// Workloads to run, comma separated (default: all): W1..W6.
@@ -66,16 +66,19 @@ pub enum SystemKind {
     Postgres,
     /// cqrs-es with postgres-es.
     CqrsEs,
+    /// factline's PostgreSQL store, `factline_postgres`.
+    FactlinePostgres,
 }
 
 impl SystemKind {
     /// Every system, in report order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::FactlineLog,
         Self::FactlineHttp,
         Self::FactlineMemory,
         Self::FsyncFloor,
         Self::Sqlite,
+        Self::FactlinePostgres,
         Self::Postgres,
         Self::CqrsEs,
     ];
@@ -90,6 +93,7 @@ impl SystemKind {
             Self::Sqlite => "sqlite",
             Self::Postgres => "postgres",
             Self::CqrsEs => "cqrs-es",
+            Self::FactlinePostgres => "factline-postgres",
         }
     }
 
@@ -100,7 +104,7 @@ impl SystemKind {
 
     /// True for the systems that need the PostgreSQL server.
     pub const fn needs_postgres(self) -> bool {
-        matches!(self, Self::Postgres | Self::CqrsEs)
+        matches!(self, Self::Postgres | Self::CqrsEs | Self::FactlinePostgres)
     }
 }
 

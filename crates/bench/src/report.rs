@@ -170,21 +170,24 @@ pub fn median_round(rounds: &[Row]) -> Option<&Row> {
     sorted.get((sorted.len() - 1) / 2).copied()
 }
 
-/// factline-log against one peer on one (workload, writers). Every ratio reads "> 1: factline-log
-/// better".
+/// A factline system against one peer on one (workload, writers). Every ratio reads "> 1: the
+/// factline system is better".
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ratio {
+    /// The factline system: `factline-log`, or `factline-postgres` (compared with the
+    /// PostgreSQL-backed peers only).
+    pub ours: String,
     /// The workload.
     pub workload: String,
     /// Writers.
     pub writers: usize,
     /// The peer.
     pub peer: String,
-    /// factline-log events/s ÷ peer events/s (`None` for W6, whose appends are paced).
+    /// ours events/s ÷ peer events/s (`None` for W6, whose appends are paced).
     pub throughput: Option<f64>,
-    /// peer p50 ÷ factline-log p50.
+    /// peer p50 ÷ ours p50.
     pub p50: Option<f64>,
-    /// peer p99 ÷ factline-log p99.
+    /// peer p99 ÷ ours p99.
     pub p99: Option<f64>,
 }
 
@@ -192,15 +195,27 @@ fn divide(numerator: f64, denominator: f64) -> Option<f64> {
     (denominator > 0.0 && numerator.is_finite()).then(|| numerator / denominator)
 }
 
-/// The ratios of factline-log to every peer measured on the same (workload, writers).
+/// The ratios of factline-log to every other system, and of factline-postgres to the
+/// PostgreSQL-backed peers (plain table, cqrs-es), measured on the same (workload, writers).
 pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
-    let factline = SystemKind::FactlineLog.name();
+    let log = SystemKind::FactlineLog.name();
+    let postgres = SystemKind::FactlinePostgres.name();
+    let postgres_peers = [SystemKind::Postgres.name(), SystemKind::CqrsEs.name()];
     let mut out = Vec::new();
-    for ours in rows.iter().filter(|row| row.system == factline) {
+    for ours in rows
+        .iter()
+        .filter(|row| row.system == log || row.system == postgres)
+    {
         for peer in rows.iter().filter(|row| {
-            row.system != factline && row.workload == ours.workload && row.writers == ours.writers
+            let comparable = if ours.system == log {
+                row.system != log
+            } else {
+                postgres_peers.contains(&row.system.as_str())
+            };
+            comparable && row.workload == ours.workload && row.writers == ours.writers
         }) {
             out.push(Ratio {
+                ours: ours.system.clone(),
                 workload: ours.workload.clone(),
                 writers: ours.writers,
                 peer: peer.system.clone(),
@@ -303,16 +318,17 @@ pub fn format_table(cells: &[CellReport]) -> String {
 pub fn format_ratios(ratios: &[Ratio]) -> String {
     let show = |ratio: Option<f64>| ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"));
     let mut out =
-        String::from("factline-log vs peers (every ratio > 1 means factline-log is better)\n");
+        String::from("factline vs peers (every ratio > 1 means the factline system is better)\n");
     let _ = writeln!(
         out,
-        "{:<8} {:>7} {:<17} {:>12} {:>10} {:>10}",
-        "workload", "writers", "peer", "events/s", "p50", "p99"
+        "{:<17} {:<8} {:>7} {:<17} {:>12} {:>10} {:>10}",
+        "factline", "workload", "writers", "peer", "events/s", "p50", "p99"
     );
     for ratio in ratios {
         let _ = writeln!(
             out,
-            "{:<8} {:>7} {:<17} {:>12} {:>10} {:>10}",
+            "{:<17} {:<8} {:>7} {:<17} {:>12} {:>10} {:>10}",
+            ratio.ours,
             ratio.workload,
             ratio.writers,
             ratio.peer,

@@ -106,31 +106,98 @@ struct Columns<'a> {
 /// One job's outcome.
 pub(crate) type JobResult = Result<Vec<AppendResult>, AppendError>;
 
-/// See the module docs. `jobs` have passed `check_append_requests`. The connection must be in a
-/// transaction; the caller commits (or, on `Err`, rolls back).
-pub(crate) async fn append_jobs(
-    conn: &mut PgConnection,
-    sql: &Sql,
-    jobs: &[&[AppendRequest]],
-    projections: &[Arc<dyn InlineProjection>],
-) -> Result<Vec<JobResult>, BatchError> {
-    let head = sqlx::query(AssertSqlSafe(Arc::clone(&sql.lock_head)))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(storage("locking the log head"))?;
-    let mut next_position = from_sql("next_position", decode(&head, 0)?)?;
-    let last_recorded_at = timestamp(decode::<OffsetDateTime>(&head, 1)?);
-    let now = timestamp(decode::<OffsetDateTime>(&head, 2)?);
-    // Recorded times never go backwards along the log, even if the server clock does.
-    let recorded_at = now.max(last_recorded_at);
+/// The log head as a writer last saw it commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeadState {
+    pub(crate) generation: i64,
+    pub(crate) next_position: u64,
+    pub(crate) last_recorded_at: Timestamp,
+}
 
-    let mut work = load_work(conn, sql, jobs).await?;
+/// What [`append_jobs`] did, for the caller to answer with and the writer to cache once the
+/// transaction has committed.
+pub(crate) struct Applied {
+    pub(crate) results: Vec<JobResult>,
+    /// The generation found under the lock, before this transaction's change.
+    generation_before: i64,
+    /// The log head after this transaction.
+    head: HeadState,
+    /// Every stream the jobs touched, as it is after this transaction.
+    rows: Vec<(String, StreamRow)>,
+}
 
+/// Longest the writer's cache of stream heads gets before it starts over.
+const CACHED_STREAMS_MAX: usize = 65_536;
+
+/// The writer's knowledge of the log as of its own last commit: exact for as long as the
+/// `log_head` generation has not moved (nobody else appended, deleted or changed metadata).
+#[derive(Debug, Default)]
+pub(crate) struct Cache {
+    head: Option<HeadState>,
+    streams: HashMap<String, StreamRow>,
+}
+
+impl Cache {
+    /// Forgets everything (after an error, or when another writer has moved the log).
+    pub(crate) fn invalidate(&mut self) {
+        self.head = None;
+        self.streams.clear();
+    }
+
+    /// True when the one-statement path can be tried.
+    pub(crate) fn is_exact(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Marks the cache as not known to be exact, returning what it knew.
+    pub(crate) fn take_head(&mut self) -> Option<HeadState> {
+        self.head.take()
+    }
+
+    /// Puts back what [`Cache::take_head`] returned.
+    pub(crate) fn restore_head(&mut self, head: Option<HeadState>) {
+        self.head = head;
+    }
+
+    /// Takes in what a committed [`append_jobs`] saw and wrote.
+    pub(crate) fn absorb(&mut self, applied: &Applied) {
+        let still_exact = self
+            .head
+            .is_some_and(|head| head.generation == applied.generation_before);
+        if !still_exact || self.streams.len() + applied.rows.len() > CACHED_STREAMS_MAX {
+            self.streams.clear();
+        }
+        for (stream, row) in &applied.rows {
+            self.streams.insert(stream.clone(), row.clone());
+        }
+        self.head = Some(applied.head);
+    }
+}
+
+/// The decisions over a batch and the rows they write.
+struct Decided<'a> {
+    results: Vec<JobResult>,
+    columns: Columns<'a>,
+    head_streams: Vec<&'a str>,
+    head_revisions: Vec<i64>,
+    next_position: u64,
+    projected: Option<Vec<RecordedEvent>>,
+}
+
+/// Decides every job in order against `work` (updated as jobs are accepted), numbering the
+/// accepted events from `next_position`.
+fn decide_jobs<'a>(
+    jobs: &[&'a [AppendRequest]],
+    work: &mut HashMap<&'a str, Work>,
+    mut next_position: u64,
+    recorded_at: Timestamp,
+    now: Timestamp,
+    want_events: bool,
+) -> Decided<'a> {
     let mut results = Vec::with_capacity(jobs.len());
     let mut columns = Columns::default();
-    let mut heads: Vec<(&str, Revision)> = Vec::new();
-    // The events as recorded, in position order, when inline projections want them.
-    let mut projected: Option<Vec<RecordedEvent>> = (!projections.is_empty()).then(Vec::new);
+    let mut last_heads: HashMap<&'a str, Revision> = HashMap::new();
+    let mut projected: Option<Vec<RecordedEvent>> = want_events.then(Vec::new);
     for job in jobs {
         let decision = decide_append_multi(job, |r| View {
             work: work.get(r.stream.as_str()),
@@ -139,7 +206,7 @@ pub(crate) async fn append_jobs(
         let result = match decision {
             Err(error) => Err(error),
             Ok(MultiDecision::Replay(last_revisions)) => {
-                replay(job, &last_revisions, &work).map_err(AppendError::from)
+                replay(job, &last_revisions, work).map_err(AppendError::from)
             }
             Ok(MultiDecision::Write(first_revisions)) => {
                 let mut out = Vec::with_capacity(job.len());
@@ -173,7 +240,7 @@ pub(crate) async fn append_jobs(
                     let last = Revision(revision.0 - 1);
                     entry.row.last_revision = Some(last);
                     entry.row.last_recorded_at = Some(recorded_at);
-                    heads.push((request.stream.as_str(), last));
+                    last_heads.insert(request.stream.as_str(), last);
                     out.push(AppendResult {
                         next_expected_version: last,
                         position: Position(next_position - 1),
@@ -185,46 +252,248 @@ pub(crate) async fn append_jobs(
         };
         results.push(result);
     }
-    if columns.positions.is_empty() {
-        return Ok(results);
-    }
-    // A stream written by several jobs keeps its last head.
-    let mut last_heads: HashMap<&str, Revision> = HashMap::with_capacity(heads.len());
-    for (stream, revision) in heads {
-        last_heads.insert(stream, revision);
-    }
-    let (head_streams, head_revisions): (Vec<&str>, Vec<i64>) = last_heads
+    let (head_streams, head_revisions) = last_heads
         .into_iter()
         .map(|(stream, revision)| (stream, to_sql(revision.value())))
         .unzip();
-    let recorded_at_sql = offset_date_time(recorded_at);
-    sqlx::query(AssertSqlSafe(Arc::clone(&sql.write)))
-        .bind(&columns.positions)
-        .bind(&columns.streams)
-        .bind(&columns.revisions)
-        .bind(&columns.ids)
-        .bind(&columns.types)
-        .bind(&columns.categories)
-        .bind(&columns.content_types)
-        .bind(&columns.data)
-        .bind(&columns.metadata)
-        .bind(recorded_at_sql)
-        .bind(&head_streams)
-        .bind(&head_revisions)
-        .bind(to_sql(next_position))
-        .bind(&sql.channel)
-        .execute(&mut *conn)
+    Decided {
+        results,
+        columns,
+        head_streams,
+        head_revisions,
+        next_position,
+        projected,
+    }
+}
+
+fn touched_rows(work: HashMap<&str, Work>) -> Vec<(String, StreamRow)> {
+    work.into_iter()
+        .map(|(stream, work)| (stream.to_owned(), work.row))
+        .collect()
+}
+
+/// See the module docs. `jobs` have passed `check_append_requests`. The connection must be in a
+/// transaction; the caller commits (or, on `Err`, rolls back).
+pub(crate) async fn append_jobs(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    jobs: &[&[AppendRequest]],
+    projections: &[Arc<dyn InlineProjection>],
+) -> Result<Applied, BatchError> {
+    let head = sqlx::query(AssertSqlSafe(Arc::clone(&sql.lock_head)))
+        .fetch_one(&mut *conn)
         .await
-        .map_err(storage("writing events"))?;
-    if let Some(events) = projected {
-        for projection in projections {
-            projection
-                .apply(conn, &events)
-                .await
-                .map_err(BatchError::Projection)?;
+        .map_err(storage("locking the log head"))?;
+    let next_position = from_sql("next_position", decode(&head, 0)?)?;
+    let last_recorded_at = timestamp(decode::<OffsetDateTime>(&head, 1)?);
+    let now = timestamp(decode::<OffsetDateTime>(&head, 2)?);
+    let generation: i64 = decode(&head, 3)?;
+    // Recorded times never go backwards along the log, even if the server clock does.
+    let recorded_at = now.max(last_recorded_at);
+
+    let mut work = load_work(conn, sql, jobs).await?;
+    let decided = decide_jobs(
+        jobs,
+        &mut work,
+        next_position,
+        recorded_at,
+        now,
+        !projections.is_empty(),
+    );
+    let mut head = HeadState {
+        generation,
+        next_position,
+        last_recorded_at,
+    };
+    if !decided.columns.positions.is_empty() {
+        let columns = &decided.columns;
+        sqlx::query(AssertSqlSafe(Arc::clone(&sql.write)))
+            .bind(&columns.positions)
+            .bind(&columns.streams)
+            .bind(&columns.revisions)
+            .bind(&columns.ids)
+            .bind(&columns.types)
+            .bind(&columns.categories)
+            .bind(&columns.content_types)
+            .bind(&columns.data)
+            .bind(&columns.metadata)
+            .bind(offset_date_time(recorded_at))
+            .bind(&decided.head_streams)
+            .bind(&decided.head_revisions)
+            .bind(to_sql(decided.next_position))
+            .bind(&sql.channel)
+            .execute(&mut *conn)
+            .await
+            .map_err(storage("writing events"))?;
+        head = HeadState {
+            generation: generation + 1,
+            next_position: decided.next_position,
+            last_recorded_at: recorded_at,
+        };
+        if let Some(events) = &decided.projected {
+            for projection in projections {
+                projection
+                    .apply(conn, events)
+                    .await
+                    .map_err(BatchError::Projection)?;
+            }
         }
     }
-    Ok(results)
+    Ok(Applied {
+        results: decided.results,
+        generation_before: generation,
+        head,
+        rows: touched_rows(work),
+    })
+}
+
+/// The one-statement path of the writer: when `cache` is exact, the jobs are decided against it
+/// and written by a single autocommitted statement that takes the log lock, checks that the
+/// generation is still the cached one and that none of the ids is stored anywhere, and writes
+/// only if both hold. Returns `None` — nothing written, cache dropped — when it cannot decide
+/// or the checks fail; the caller then takes the locked path ([`append_jobs`]).
+///
+/// Why the checks make the cache's answers exact: every change to the log or to a stream head
+/// moves the generation under the same row lock, and the statement re-reads the locked row at
+/// its newest version before comparing. An equal generation means nothing changed since the
+/// cache was last exact, so the heads the jobs were decided against are the stored ones. Ids
+/// are not cached, so a job whose ids may already be stored (a retry) fails the id check and is
+/// decided again under the lock, with the stored events loaded.
+pub(crate) async fn append_fast(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    jobs: &[&[AppendRequest]],
+    cache: &mut Cache,
+) -> Result<Option<Vec<JobResult>>, StorageError> {
+    let Some(head) = cache.head else {
+        return Ok(None);
+    };
+    let mut missing: Vec<&str> = jobs
+        .iter()
+        .flat_map(|job| job.iter().map(|r| r.stream.as_str()))
+        .filter(|stream| !cache.streams.contains_key(*stream))
+        .collect();
+    if !missing.is_empty() {
+        missing.sort_unstable();
+        missing.dedup();
+        let rows = sqlx::query(AssertSqlSafe(Arc::clone(&sql.select_streams)))
+            .bind(&missing)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage("reading stream heads"))?;
+        for stream in &missing {
+            cache
+                .streams
+                .insert((*stream).to_owned(), StreamRow::default());
+        }
+        for row in &rows {
+            let name: String = row
+                .try_get(0)
+                .map_err(|e| crate::rows::corrupt("stream", e))?;
+            cache.streams.insert(name, StreamRow::decode(row, 1)?);
+        }
+    }
+    let mut work: HashMap<&str, Work> = HashMap::new();
+    for job in jobs {
+        for request in job.iter() {
+            let stream = request.stream.as_str();
+            let Some(row) = cache.streams.get(stream) else {
+                return Ok(None);
+            };
+            // Visibility by age depends on the server's clock: decide those under the lock.
+            if row.metadata.max_age.is_some() {
+                return Ok(None);
+            }
+            work.entry(stream).or_insert_with(|| Work {
+                row: row.clone(),
+                ..Work::default()
+            });
+        }
+    }
+    // Placeholder time: the statement returns the real one, patched in below.
+    let decided = decide_jobs(
+        jobs,
+        &mut work,
+        head.next_position,
+        head.last_recorded_at,
+        Timestamp::now(),
+        false,
+    );
+    // The decisions assumed that none of the jobs' ids is stored (a stored one would make a job
+    // a replay or a conflict instead): the statements check it.
+    let mut guard_ids: Vec<Uuid> = jobs
+        .iter()
+        .flat_map(|job| job.iter().flat_map(|r| r.events.iter().map(|e| e.id)))
+        .collect();
+    guard_ids.sort_unstable();
+    guard_ids.dedup();
+    if decided.columns.positions.is_empty() {
+        // Only refusals: they hold if nothing changed since the cache was exact.
+        let (generation, ids_stored): (i64, bool) =
+            sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.generation)))
+                .bind(&guard_ids)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(storage("reading the log generation"))?;
+        if generation != head.generation {
+            cache.invalidate();
+            return Ok(None);
+        }
+        if ids_stored {
+            return Ok(None);
+        }
+        return Ok(Some(decided.results));
+    }
+    let columns = &decided.columns;
+    let written: Option<OffsetDateTime> =
+        sqlx::query_scalar(AssertSqlSafe(Arc::clone(&sql.write_fast)))
+            .bind(&columns.positions)
+            .bind(&columns.streams)
+            .bind(&columns.revisions)
+            .bind(&columns.ids)
+            .bind(&columns.types)
+            .bind(&columns.categories)
+            .bind(&columns.content_types)
+            .bind(&columns.data)
+            .bind(&columns.metadata)
+            .bind(&decided.head_streams)
+            .bind(&decided.head_revisions)
+            .bind(to_sql(decided.next_position))
+            .bind(&sql.channel)
+            .bind(head.generation)
+            .bind(&guard_ids)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|error| {
+                cache.invalidate();
+                storage("writing events (the outcome is unknown: retry with the same event ids)")(
+                    error,
+                )
+            })?;
+    let Some(recorded_at) = written.map(timestamp) else {
+        cache.invalidate();
+        return Ok(None);
+    };
+    let mut results = decided.results;
+    for result in results.iter_mut().flatten() {
+        for appended in result.iter_mut() {
+            appended.recorded_at = recorded_at;
+        }
+    }
+    for (stream, work) in work {
+        let mut row = work.row;
+        // In this path only this batch's events are known by revision: the streams it wrote.
+        if !work.by_revision.is_empty() {
+            row.last_recorded_at = Some(recorded_at);
+        }
+        cache.streams.insert(stream.to_owned(), row);
+    }
+    cache.head = Some(HeadState {
+        generation: head.generation + 1,
+        next_position: decided.next_position,
+        last_recorded_at: recorded_at,
+    });
+    Ok(Some(results))
 }
 
 fn decode<'r, T>(row: &'r sqlx::postgres::PgRow, index: usize) -> Result<T, StorageError>

@@ -50,6 +50,7 @@ pub use schema::{SchemaName, SchemaNameError};
 pub use store::{
     CHECKPOINT_NAME_BYTES_MAX, CheckpointStore, PostgresOptions, PostgresStore, migrate,
 };
+pub use writer::WriterStats;
 
 /// Re-exported so that callers name the same sqlx version for transactions.
 pub use sqlx;

@@ -127,16 +127,19 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     description: "log head, streams, events, snapshots, checkpoints",
     sql: r#"
--- The single row that orders every append. A writer locks it (SELECT ... FOR UPDATE) before it
--- reads stream heads and keeps the lock until it commits, so positions are handed out in
--- commit order and without gaps (see docs/design/postgres.md).
+-- The single row that orders every append. A writer locks it before it numbers its events and
+-- keeps the lock until it commits, so positions are handed out in commit order and without gaps
+-- (see docs/design/postgres.md). `generation` grows with every change to the log or to a
+-- stream's head, metadata or tombstone: a writer that finds it unchanged since its own last
+-- commit knows its cached stream heads are still exact.
 CREATE TABLE {schema}.log_head (
     singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     next_position    bigint NOT NULL CHECK (next_position >= 0),
+    generation       bigint NOT NULL,
     last_recorded_at timestamptz NOT NULL
 );
-INSERT INTO {schema}.log_head (singleton, next_position, last_recorded_at)
-VALUES (true, 0, 'epoch');
+INSERT INTO {schema}.log_head (singleton, next_position, generation, last_recorded_at)
+VALUES (true, 0, 0, 'epoch');
 
 -- One row per stream that was ever written, given metadata, or tombstoned.
 CREATE TABLE {schema}.streams (

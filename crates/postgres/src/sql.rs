@@ -29,6 +29,8 @@ pub(crate) struct Sql {
     pub(crate) tombstone: Arc<str>,
     pub(crate) delete_snapshot: Arc<str>,
     pub(crate) notify: Arc<str>,
+    pub(crate) generation: Arc<str>,
+    pub(crate) write_fast: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) stream_for_share: Arc<str>,
@@ -40,23 +42,37 @@ pub(crate) struct Sql {
 impl Sql {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
+        // Lookups by a list of keys probe the index once per key. `OFFSET 0` keeps the planner
+        // from turning the probe into a join it may plan as a scan of the whole table when its
+        // statistics lag behind a fresh or fast-growing log (which made every append scan the
+        // log before this form).
+        let probe_id = format!(
+            "SELECT stream, id, revision, position, recorded_at FROM {s}.events \
+             WHERE id = k.id OFFSET 0"
+        );
+        let probe_stream = format!(
+            "SELECT stream, last_revision, last_recorded_at, max_count, max_age_us, \
+                    truncate_before, tombstoned \
+             FROM {s}.streams WHERE stream = k.stream OFFSET 0"
+        );
         let arc = |text: String| -> Arc<str> { text.into() };
         Self {
             schema: schema.clone(),
             channel: schema.channel(),
             lock_head: arc(format!(
-                "SELECT next_position, last_recorded_at, clock_timestamp() \
+                "SELECT next_position, last_recorded_at, clock_timestamp(), generation \
                  FROM {s}.log_head FOR UPDATE"
             )),
             head: arc(format!("SELECT next_position FROM {s}.log_head")),
             select_streams: arc(format!(
-                "SELECT stream, last_revision, last_recorded_at, max_count, max_age_us, \
-                        truncate_before, tombstoned \
-                 FROM {s}.streams WHERE stream = ANY($1)"
+                "SELECT r.stream, r.last_revision, r.last_recorded_at, r.max_count, r.max_age_us, \
+                        r.truncate_before, r.tombstoned \
+                 FROM unnest($1::text[]) AS k(stream) \
+                 CROSS JOIN LATERAL ({probe_stream}) AS r"
             )),
             select_known_ids: arc(format!(
-                "SELECT stream, id, revision, position, recorded_at \
-                 FROM {s}.events WHERE id = ANY($1)"
+                "SELECT e.stream, e.id, e.revision, e.position, e.recorded_at \
+                 FROM unnest($1::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e"
             )),
             write: arc(format!(
                 "WITH appended AS (
@@ -78,7 +94,8 @@ impl Sql {
                          SET last_revision = EXCLUDED.last_revision,
                              last_recorded_at = EXCLUDED.last_recorded_at
                  )
-                 UPDATE {s}.log_head SET next_position = $13, last_recorded_at = $10
+                 UPDATE {s}.log_head
+                 SET next_position = $13, last_recorded_at = $10, generation = generation + 1
                  RETURNING pg_notify($14, next_position::text)"
             )),
             stream_row: arc(format!(
@@ -123,7 +140,48 @@ impl Sql {
                  ON CONFLICT (stream) DO UPDATE SET tombstoned = true"
             )),
             delete_snapshot: arc(format!("DELETE FROM {s}.snapshots WHERE stream = $1")),
-            notify: arc("SELECT pg_notify($1, '')".to_owned()),
+            notify: arc(format!(
+                "UPDATE {s}.log_head SET generation = generation + 1 \
+                 RETURNING pg_notify($1, next_position::text)"
+            )),
+            generation: arc(format!(
+                "SELECT generation, EXISTS ( \
+                     SELECT 1 FROM unnest($1::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e \
+                 ) FROM {s}.log_head"
+            )),
+            write_fast: arc(format!(
+                "WITH head AS (
+                     UPDATE {s}.log_head
+                     SET next_position = $12, generation = generation + 1,
+                         last_recorded_at = greatest(clock_timestamp(), last_recorded_at)
+                     WHERE generation = $14
+                       AND NOT EXISTS (
+                           SELECT 1 FROM unnest($15::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e
+                       )
+                     RETURNING last_recorded_at, pg_notify($13, next_position::text)
+                 ),
+                 appended AS (
+                     INSERT INTO {s}.events
+                         (position, stream, revision, id, event_type, category, content_type,
+                          data, metadata, recorded_at)
+                     SELECT e.position, e.stream, e.revision, e.id, e.event_type, e.category,
+                            e.content_type, e.data, e.metadata, head.last_recorded_at
+                     FROM head,
+                          unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[],
+                                 $6::text[], $7::smallint[], $8::bytea[], $9::bytea[])
+                          AS e(position, stream, revision, id, event_type, category,
+                               content_type, data, metadata)
+                 ),
+                 heads AS (
+                     INSERT INTO {s}.streams (stream, last_revision, last_recorded_at)
+                     SELECT h.stream, h.last_revision, head.last_recorded_at
+                     FROM head, unnest($10::text[], $11::bigint[]) AS h(stream, last_revision)
+                     ON CONFLICT (stream) DO UPDATE
+                         SET last_revision = EXCLUDED.last_revision,
+                             last_recorded_at = EXCLUDED.last_recorded_at
+                 )
+                 SELECT last_recorded_at FROM head"
+            )),
             save_snapshot: arc(format!(
                 "INSERT INTO {s}.snapshots (stream, revision, state_version, state, taken_at) \
                  VALUES ($1, $2, $3, $4, $5) \

@@ -29,7 +29,7 @@ use crate::{
     },
     schema::{self, SchemaName},
     sql::Sql,
-    writer::{self, Job, WriterConfig},
+    writer::{self, Job, WriterConfig, WriterStats},
 };
 
 /// How to open a [`PostgresStore`].
@@ -174,6 +174,7 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     changes: Arc<ChangeNotifier>,
     projections: Vec<Arc<dyn InlineProjection>>,
+    stats: Arc<WriterStats>,
     filtered_scan_positions_max: u64,
     closed: CancellationToken,
     _stop_tasks: DropGuard,
@@ -262,6 +263,7 @@ impl PostgresStore {
         let sql = Arc::new(Sql::new(&options.schema));
         let changes = Arc::new(ChangeNotifier::new());
         let closed = CancellationToken::new();
+        let stats = Arc::new(WriterStats::default());
         let (jobs, receiver) = mpsc::channel(options.write_queue_appends_max.max(1));
         let lock_timeout_ms = options.lock_timeout.as_millis().to_string();
         let writer_options = connect
@@ -275,6 +277,7 @@ impl PostgresStore {
             batch_events_max: options.batch_events_max.max(1),
             connect_timeout: options.connect_timeout,
             committed: Arc::clone(&changes),
+            stats: Arc::clone(&stats),
             _pool: pool.clone(),
         };
         tokio::spawn(writer::run(writer, receiver));
@@ -292,6 +295,7 @@ impl PostgresStore {
                 jobs,
                 changes,
                 projections: options.inline_projections,
+                stats,
                 filtered_scan_positions_max: options.filtered_scan_positions_max.max(1),
                 _stop_tasks: closed.clone().drop_guard(),
                 closed,
@@ -303,6 +307,11 @@ impl PostgresStore {
     /// outbox rows, [`PostgresStore::append_in`]).
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// How the batching writer's batches went.
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.inner.stats
     }
 
     /// The schema the store lives in.
@@ -336,7 +345,7 @@ impl PostgresStore {
         check_append_requests(&self.inner.limits, &requests)?;
         let jobs = [requests.as_slice()];
         match append_jobs(conn, &self.inner.sql, &jobs, &self.inner.projections).await {
-            Ok(mut results) => results.pop().unwrap_or_else(|| {
+            Ok(applied) => applied.results.into_iter().next().unwrap_or_else(|| {
                 Err(StorageError::Backend("a batch of one returned no result".into()).into())
             }),
             Err(BatchError::Storage(error)) => Err(error.into()),

@@ -19,10 +19,32 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     InlineProjection,
-    append::{BatchError, JobResult, append_jobs},
+    append::{BatchError, Cache, JobResult, append_fast, append_jobs},
     error::storage,
     sql::Sql,
 };
+
+/// How the writer's batches went, for tests, benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Batches written by the one-statement path (decided against the cache).
+    pub fast_batches: std::sync::atomic::AtomicU64,
+    /// Batches written under the lock in a transaction (first batch, after another writer,
+    /// retries of stored ids, streams with `max_age`, inline projections).
+    pub locked_batches: std::sync::atomic::AtomicU64,
+    /// One-statement attempts that found the log moved or an id stored, and fell back.
+    pub fast_misses: std::sync::atomic::AtomicU64,
+    /// Appends (jobs) answered.
+    pub appends: std::sync::atomic::AtomicU64,
+    /// Time spent running batches (statements and commits), in microseconds.
+    pub batch_time_us: std::sync::atomic::AtomicU64,
+}
+
+impl WriterStats {
+    fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 pub(crate) struct Job {
     pub(crate) requests: Vec<AppendRequest>,
@@ -38,6 +60,7 @@ pub(crate) struct WriterConfig {
     pub(crate) connect_timeout: Duration,
     /// Woken after every commit, so local subscribers need not wait for the notification.
     pub(crate) committed: Arc<factline_core::ChangeNotifier>,
+    pub(crate) stats: Arc<WriterStats>,
     /// Keeps the pool alive for as long as the writer runs (reads share it).
     pub(crate) _pool: PgPool,
 }
@@ -46,6 +69,7 @@ pub(crate) struct WriterConfig {
 pub(crate) async fn run(config: WriterConfig, mut jobs: mpsc::Receiver<Job>) {
     let mut conn: Option<PgConnection> = None;
     let mut batch: Vec<Job> = Vec::new();
+    let mut cache = Cache::default();
     while let Some(first) = jobs.recv().await {
         let mut events = first.requests.iter().map(|r| r.events.len()).sum::<usize>();
         batch.push(first);
@@ -75,10 +99,16 @@ pub(crate) async fn run(config: WriterConfig, mut jobs: mpsc::Receiver<Job>) {
                 }
             },
         };
-        let healthy = run_batch(connection, &config, &mut batch).await;
+        let started = std::time::Instant::now();
+        let healthy = run_batch(connection, &config, &mut cache, &mut batch).await;
+        WriterStats::add(
+            &config.stats.batch_time_us,
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        );
         if !healthy {
             // The connection may be mid-transaction or broken: start over with a new one.
             conn = None;
+            cache.invalidate();
         }
         config.committed.notify();
     }
@@ -104,9 +134,39 @@ async fn connect(config: &WriterConfig) -> Result<PgConnection, StorageError> {
 
 /// Runs `batch` (emptying it) and answers every job. Returns false when the connection should
 /// be replaced.
-async fn run_batch(conn: &mut PgConnection, config: &WriterConfig, batch: &mut Vec<Job>) -> bool {
+async fn run_batch(
+    conn: &mut PgConnection,
+    config: &WriterConfig,
+    cache: &mut Cache,
+    batch: &mut Vec<Job>,
+) -> bool {
     let requests: Vec<&[AppendRequest]> = batch.iter().map(|j| j.requests.as_slice()).collect();
-    match transaction(conn, config, &requests).await {
+    WriterStats::add(&config.stats.appends, batch.len() as u64);
+    if config.projections.is_empty() {
+        let attempted = cache.is_exact();
+        match append_fast(conn, &config.sql, &requests, cache).await {
+            Ok(Some(results)) => {
+                WriterStats::add(&config.stats.fast_batches, 1);
+                drop(requests);
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
+                }
+                return true;
+            }
+            Ok(None) => {
+                if attempted {
+                    WriterStats::add(&config.stats.fast_misses, 1);
+                }
+            }
+            Err(error) => {
+                drop(requests);
+                answer_all(batch, error);
+                return false;
+            }
+        }
+    }
+    WriterStats::add(&config.stats.locked_batches, 1);
+    match transaction(conn, config, cache, &requests).await {
         Ok(results) => {
             for (job, result) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(result);
@@ -118,7 +178,7 @@ async fn run_batch(conn: &mut PgConnection, config: &WriterConfig, batch: &mut V
             let mut healthy = true;
             for job in batch.drain(..) {
                 let single = [job.requests.as_slice()];
-                let result = match transaction(conn, config, &single).await {
+                let result = match transaction(conn, config, cache, &single).await {
                     Ok(mut results) => results.pop().unwrap_or_else(|| {
                         Err(
                             StorageError::Backend("a batch of one returned no result".into())
@@ -138,35 +198,46 @@ async fn run_batch(conn: &mut PgConnection, config: &WriterConfig, batch: &mut V
             healthy
         }
         Err(error) => {
-            let (message, healthy) = match error {
+            let (error, healthy) = match error {
                 BatchError::Projection(error) => (StorageError::backend(error), true),
                 BatchError::Storage(error) => (error, false),
             };
-            let reason = message.to_string();
-            let mut first = Some(message);
-            for job in batch.drain(..) {
-                let error = first
-                    .take()
-                    .unwrap_or_else(|| StorageError::Backend(reason.clone().into()));
-                let _ = job.reply.send(Err(AppendError::Storage(error)));
-            }
+            drop(requests);
+            answer_all(batch, error);
             healthy
         }
+    }
+}
+
+/// Fails every job of `batch` with `error` (the first gets it, the others its text).
+fn answer_all(batch: &mut Vec<Job>, error: StorageError) {
+    let reason = error.to_string();
+    let mut first = Some(error);
+    for job in batch.drain(..) {
+        let error = first
+            .take()
+            .unwrap_or_else(|| StorageError::Backend(reason.clone().into()));
+        let _ = job.reply.send(Err(AppendError::Storage(error)));
     }
 }
 
 async fn transaction(
     conn: &mut PgConnection,
     config: &WriterConfig,
+    cache: &mut Cache,
     jobs: &[&[AppendRequest]],
 ) -> Result<Vec<JobResult>, BatchError> {
+    // Until this commits, the cache is not known to be exact.
+    let previous = cache.take_head();
     let mut tx = conn
         .begin()
         .await
         .map_err(storage("beginning a transaction"))?;
-    let results = append_jobs(&mut tx, &config.sql, jobs, &config.projections).await?;
+    let applied = append_jobs(&mut tx, &config.sql, jobs, &config.projections).await?;
     tx.commit().await.map_err(storage(
         "committing appends (the outcome is unknown: retry with the same event ids)",
     ))?;
-    Ok(results)
+    cache.restore_head(previous);
+    cache.absorb(&applied);
+    Ok(applied.results)
 }

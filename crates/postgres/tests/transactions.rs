@@ -628,3 +628,67 @@ async fn a_closed_store_refuses_and_ends_subscriptions() {
         .expect("the subscription ends");
     assert!(matches!(ended, Some(Err(_)) | None), "{ended:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs postgres: set FACTLINE_TEST_POSTGRES_URL"]
+async fn steady_appends_take_the_one_statement_path_and_retries_the_locked_one() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let store = common::fresh_store().await;
+    let s = testkit::stream("steady-1");
+    let first = testkit::events(1);
+    store
+        .append(&s, ExpectedVersion::NoStream, first.clone())
+        .await
+        .unwrap();
+    for i in 0..20u64 {
+        store
+            .append(&s, ExpectedVersion::Exact(Revision(i)), testkit::events(1))
+            .await
+            .unwrap();
+    }
+    let stats = store.writer_stats();
+    let (fast, locked, misses) = (
+        stats.fast_batches.load(Relaxed),
+        stats.locked_batches.load(Relaxed),
+        stats.fast_misses.load(Relaxed),
+    );
+    assert_eq!(
+        (fast, locked, misses),
+        (20, 1, 0),
+        "only the first append takes the lock path"
+    );
+    // A retry of stored ids is decided under the lock, with the stored events loaded.
+    let replayed = store
+        .append(&s, ExpectedVersion::NoStream, first)
+        .await
+        .unwrap();
+    assert_eq!(replayed.next_expected_version, Revision(0));
+    assert_eq!(stats.fast_misses.load(Relaxed), 1);
+    assert_eq!(stats.locked_batches.load(Relaxed), 2);
+    // Another writer moves the log: the cache is no longer exact, and the next append notices.
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .append_in(
+            &mut tx,
+            vec![AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::Exact(Revision(20)),
+                testkit::events(1),
+            )],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let stale = store
+        .append(&s, ExpectedVersion::Exact(Revision(20)), testkit::events(1))
+        .await;
+    assert!(
+        matches!(stale, Err(AppendError::WrongExpectedVersion { .. })),
+        "decided on the stored head, not the cached one: {stale:?}"
+    );
+    let next = store
+        .append(&s, ExpectedVersion::Exact(Revision(21)), testkit::events(1))
+        .await
+        .unwrap();
+    assert_eq!(next.next_expected_version, Revision(22));
+}

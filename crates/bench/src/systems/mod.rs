@@ -180,6 +180,7 @@ pub(crate) async fn open(kind: SystemKind, ctx: &SetupContext<'_>) -> Result<Arc
         }
         SystemKind::Postgres => Arc::new(postgres::PgSystem::open(ctx).await?),
         SystemKind::CqrsEs => Arc::new(cqrs::CqrsSystem::open(ctx).await?),
+        SystemKind::FactlinePostgres => Arc::new(store::open_factline_postgres(ctx).await?),
     })
 }
 

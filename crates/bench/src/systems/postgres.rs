@@ -31,6 +31,8 @@ use sqlx::{
     postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions, PgRow},
 };
 
+pub(crate) use factline_postgres::redact_url;
+
 use super::{
     EVENT_TYPE, Expected, Feed, Outcome, SetupContext, System, is_unique_violation, json_payload,
     postgres_connection_cap,
@@ -91,20 +93,6 @@ impl Sql {
             .into(),
             head: format!("SELECT coalesce(max(position), 0) FROM {table}").into(),
         }
-    }
-}
-
-/// Hides the password of a connection URL for messages.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
     }
 }
 

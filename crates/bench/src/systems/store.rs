@@ -1,6 +1,6 @@
 //! factline's own stores, through the [`EventStore`] trait: `factline-log` and `factline-memory`.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, str::FromStr as _, sync::Arc};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use async_trait::async_trait;
@@ -11,7 +11,13 @@ use factline_core::{
     SubscribeFrom, Subscription, Uuid,
 };
 
-use super::{EVENT_TYPE, Expected, Feed, Outcome, System, json_payload};
+use factline_postgres::{PostgresOptions, PostgresStore, SchemaName, redact_url};
+use sqlx::{AssertSqlSafe, Connection as _, postgres::PgConnectOptions};
+
+use super::{
+    EVENT_TYPE, Expected, Feed, Outcome, SetupContext, System, json_payload,
+    postgres::{connect, server_facts},
+};
 use crate::config::{SystemKind, WorkloadKind};
 
 /// Opens the embedded engine on `dir` (an empty directory the harness created for it).
@@ -33,6 +39,38 @@ pub(crate) async fn serve_over_http(
     ))
 }
 
+/// Opens factline's PostgreSQL store on a fresh schema of the run (dropped at teardown).
+pub(crate) async fn open_factline_postgres(ctx: &SetupContext<'_>) -> Result<StoreSystem> {
+    let options = PgConnectOptions::from_str(ctx.postgres_url)
+        .with_context(|| format!("bad PostgreSQL URL {}", redact_url(ctx.postgres_url)))?
+        .options([("synchronous_commit", "on")]);
+    let mut conn = connect(&options, ctx.postgres_url, ctx.sizes.connect_timeout).await?;
+    let facts = server_facts(&mut conn).await?;
+    conn.close().await.ok();
+    let schema = SchemaName::new(format!("bench_{}_fl", ctx.run_id))
+        .map_err(|error| anyhow!("schema name: {error}"))?;
+    let store = PostgresStore::open(
+        PostgresOptions::new(ctx.postgres_url)
+            .schema(schema.clone())
+            .pool_connections_max(16),
+    )
+    .await
+    .context("open factline-postgres")?;
+    let description = format!(
+        "factline-postgres on PostgreSQL {} (fsync=on, wal_sync_method={}, synchronous_commit \
+         as the server sets it: on), schema {schema}; one writer connection batches the appends \
+         that queue up into one transaction (one commit for many appends), reads on a pool of 16",
+        facts.version, facts.wal_sync_method
+    );
+    let mut system = StoreSystem::new(
+        SystemKind::FactlinePostgres,
+        Arc::new(store.clone()),
+        description,
+    );
+    system.postgres = Some(store);
+    Ok(system)
+}
+
 /// A factline [`EventStore`] under test.
 pub(crate) struct StoreSystem {
     kind: SystemKind,
@@ -40,6 +78,8 @@ pub(crate) struct StoreSystem {
     payload: Bytes,
     event_type: EventType,
     description: String,
+    /// factline-postgres: its schema is dropped at teardown.
+    postgres: Option<PostgresStore>,
 }
 
 impl StoreSystem {
@@ -50,6 +90,7 @@ impl StoreSystem {
             payload: json_payload(),
             event_type: EventType::from(EVENT_TYPE),
             description,
+            postgres: None,
         }
     }
 
@@ -161,6 +202,37 @@ impl System for StoreSystem {
             .await
             .context("subscribe_to_all")?;
         Ok(Box::new(StoreFeed { subscription }))
+    }
+
+    async fn release(&self) -> Result<()> {
+        if let Some(store) = &self.postgres {
+            let stats = store.writer_stats();
+            let load =
+                |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "[factline-bench] factline-postgres writer so far: {} appends in {} one-statement + {} locked batches ({} fallbacks), {} ms in batches",
+                load(&stats.appends),
+                load(&stats.fast_batches),
+                load(&stats.locked_batches),
+                load(&stats.fast_misses),
+                load(&stats.batch_time_us) / 1_000
+            );
+        }
+        Ok(())
+    }
+
+    async fn teardown(&self) -> Result<()> {
+        if let Some(store) = &self.postgres {
+            sqlx::query(AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                store.schema().quoted()
+            )))
+            .execute(store.pool())
+            .await
+            .context("drop the factline-postgres schema")?;
+            store.close().await;
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {
