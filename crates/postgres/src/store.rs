@@ -24,8 +24,8 @@ use crate::{
     append::{BatchError, append_jobs},
     error::{CheckpointError, OpenError, redact_url, storage},
     rows::{
-        Interner, StreamRow, decode_event, from_sql, metadata_columns, offset_date_time, timestamp,
-        to_sql,
+        Interner, StreamRow, decode_event, decode_u64, from_sql, metadata_columns,
+        offset_date_time, timestamp, to_sql,
     },
     schema::{self, SchemaName},
     sql::Sql,
@@ -452,6 +452,31 @@ impl PostgresStore {
         Ok(value)
     }
 
+    /// Reads up to `limit` events of `$all` from `from`, decoding rows as they arrive (so the
+    /// decoding overlaps the server's work). Returns the events and the log head (0 without
+    /// events).
+    async fn read_all_ranges(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<factline_core::RecordedEvent>, u64), StorageError> {
+        use futures::TryStreamExt as _;
+        let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all_forwards)))
+            .bind(to_sql(from))
+            .bind(to_sql(limit as u64))
+            .fetch(&self.inner.pool);
+        let mut events = Vec::with_capacity(limit);
+        let mut head = 0;
+        let mut interner = Interner::default();
+        while let Some(row) = rows.try_next().await.map_err(storage("reading $all"))? {
+            if events.is_empty() {
+                head = decode_u64(&row, 9, "next_position")?;
+            }
+            events.push(decode_event(&row, None, &mut interner)?);
+        }
+        Ok((events, head))
+    }
+
     async fn read_all_filtered(
         &self,
         options: &ReadAllOptions,
@@ -759,15 +784,22 @@ impl EventStore for PostgresStore {
                 (&self.inner.sql.read_stream_backwards, lowest, start.0)
             }
         };
-        let rows = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
-            .bind(stream.as_str())
-            .bind(to_sql(low))
-            .bind(to_sql(high))
-            .bind(to_sql(limit))
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(storage("reading a stream"))?;
-        let events = decode_all(&rows, Some(stream))?;
+        let events = {
+            use futures::TryStreamExt as _;
+            let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+                .bind(stream.as_str())
+                .bind(to_sql(low))
+                .bind(to_sql(high))
+                .bind(to_sql(limit))
+                .fetch(&self.inner.pool);
+            let mut events = Vec::with_capacity(usize::try_from(high - low + 1).unwrap_or(0));
+            let mut interner = Interner::default();
+            // Decoded as the rows arrive, overlapping the server's work.
+            while let Some(row) = rows.try_next().await.map_err(storage("reading a stream"))? {
+                events.push(decode_event(&row, Some(stream), &mut interner)?);
+            }
+            events
+        };
         if events.len() as u64 != high - low + 1 {
             return Err(StorageError::Backend(
                 format!(
@@ -828,22 +860,7 @@ impl EventStore for PostgresStore {
         match options.direction {
             Direction::Forwards => {
                 let from = options.from.map_or(0, |p| p.0);
-                let rows =
-                    sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all_forwards)))
-                        .bind(to_sql(from))
-                        .bind(to_sql(limit as u64))
-                        .fetch_all(&self.inner.pool)
-                        .await
-                        .map_err(storage("reading $all"))?;
-                let head = match rows.first() {
-                    Some(row) => from_sql(
-                        "next_position",
-                        row.try_get(9)
-                            .map_err(|e| crate::rows::corrupt("next_position", e))?,
-                    )?,
-                    None => 0,
-                };
-                let events = decode_all(&rows, None)?;
+                let (events, head) = self.read_all_ranges(from, limit).await?;
                 // Positions are gapless and commit-ordered: a short page is everything
                 // committed at the read, so it ends the log.
                 Ok(match events.last() {
