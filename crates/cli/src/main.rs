@@ -21,8 +21,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the HTTP/JSON API server (SSE subscriptions, metrics) on an embedded data directory.
+    /// Run the HTTP/JSON API server (SSE subscriptions, metrics) on an embedded data directory,
+    /// or on PostgreSQL with --store postgres://….
     Serve(serve::ServeArgs),
+    /// Apply the missing schema migrations of a PostgreSQL store (serve also applies them at
+    /// start unless --no-migrate).
+    Migrate(serve::MigrateArgs),
     /// Append events to a stream (one from --type/--data, or many from --file).
     Append(commands::AppendArgs),
     /// Print a stream's events.
@@ -108,6 +112,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Verify { data, json } => verify(&data, json)?,
         Command::Serve(args) => serve::run(args)?,
+        Command::Migrate(args) => serve::migrate(args)?,
         Command::Append(args) => block_on(commands::append(args))?,
         Command::Read(args) => block_on(commands::read(args))?,
         Command::ReadAll(args) => block_on(commands::read_all(args))?,

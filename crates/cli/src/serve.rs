@@ -1,9 +1,10 @@
-//! `factline serve`: the HTTP API on the embedded log (or, later, PostgreSQL).
+//! `factline serve`: the HTTP API on the embedded log, or on PostgreSQL with `--store`.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use factline_log::{DiskStorage, LogOptions, LogStore};
+use factline_postgres::{PostgresOptions, PostgresStore, SchemaName};
 use factline_server::{AuthConfig, Server, ServerOptions, TlsConfig};
 
 /// Options of `factline serve`.
@@ -15,9 +16,16 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7610", env = "FACTLINE_LISTEN")]
     listen: SocketAddr,
-    /// Use another store instead of the data directory, e.g. postgres://user@host/db.
+    /// Use PostgreSQL instead of the data directory: postgres://user:password@host:port/db.
+    /// Missing migrations are applied at start (see `factline migrate`).
     #[arg(long, env = "FACTLINE_STORE")]
     store: Option<String>,
+    /// The PostgreSQL schema holding the store (with --store).
+    #[arg(long, default_value = "factline", env = "FACTLINE_PG_SCHEMA")]
+    pg_schema: String,
+    /// With --store: refuse to start on a schema that needs migrations instead of applying them.
+    #[arg(long)]
+    no_migrate: bool,
     /// Bearer-token configuration (TOML; see docs/design/http-api.md). Without it every caller
     /// may do everything, which is allowed only on a loopback address.
     #[arg(long, env = "FACTLINE_AUTH")]
@@ -73,15 +81,16 @@ fn init_tracing(json: bool) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(store) = &args.store {
-        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
-            bail!(
-                "--store {store}: the PostgreSQL backend is not part of this build yet; \
-                 run without --store to use the embedded data directory"
-            );
+    let postgres = match &args.store {
+        Some(url) if is_postgres_url(url) => {
+            Some(postgres_options(url, &args.pg_schema, !args.no_migrate)?)
         }
-        bail!("--store {store}: unknown store (give postgres://… or leave it out)");
-    }
+        Some(other) => bail!(
+            "--store {}: unknown store (give postgres://… or leave it out for the data directory)",
+            factline_postgres::redact_url(other)
+        ),
+        None => None,
+    };
     let mut options = ServerOptions::default()
         .listen(args.listen)
         .insecure(args.insecure)
@@ -93,6 +102,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         options = options.tls(TlsConfig::new(cert, key));
+    }
+    if let Some(postgres) = postgres {
+        let url = factline_postgres::redact_url(&postgres.url);
+        let schema = postgres.schema.clone();
+        let store = PostgresStore::open(postgres)
+            .await
+            .with_context(|| format!("opening the PostgreSQL store at {url} (schema {schema})"))?;
+        let server = Server::bind(Arc::new(store.clone()), options).await?;
+        tracing::info!(
+            address = %server.local_addr(),
+            store = %url,
+            schema = %schema,
+            auth = args.auth.is_some(),
+            "factline is serving on PostgreSQL: the web UI and API at {}://{} (OpenAPI document at /openapi.json)",
+            if args.tls_cert.is_some() { "https" } else { "http" },
+            server.local_addr()
+        );
+        server.run(shutdown_signal()).await?;
+        store.close().await;
+        tracing::info!("stopped; the PostgreSQL pool is closed");
+        return Ok(());
     }
     let mut log_options = LogOptions::default();
     log_options.verify_on_open = args.verify_on_open;
@@ -120,6 +150,95 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped; the data directory is closed");
     Ok(())
+}
+
+/// True for a PostgreSQL connection URL.
+pub(crate) fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Options for the PostgreSQL store at `url` in `schema`.
+pub(crate) fn postgres_options(
+    url: &str,
+    schema: &str,
+    migrate: bool,
+) -> anyhow::Result<PostgresOptions> {
+    let schema = SchemaName::new(schema).context("--pg-schema")?;
+    Ok(PostgresOptions::new(url)
+        .schema(schema)
+        .migrate_on_open(migrate))
+}
+
+/// Options of `factline migrate`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct MigrateArgs {
+    /// The PostgreSQL database: postgres://user:password@host:port/db.
+    #[arg(long, env = "FACTLINE_STORE")]
+    store: String,
+    /// The schema holding the store.
+    #[arg(long, default_value = "factline", env = "FACTLINE_PG_SCHEMA")]
+    pg_schema: String,
+    /// Only list the migrations and which are applied; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `factline migrate`: applies the missing migrations of a PostgreSQL store's schema.
+#[allow(clippy::print_stdout)] // the command's output is its report
+pub(crate) fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    if !is_postgres_url(&args.store) {
+        bail!(
+            "--store {}: give a postgres:// URL (the embedded data directory needs no migrations)",
+            factline_postgres::redact_url(&args.store)
+        );
+    }
+    let options = postgres_options(&args.store, &args.pg_schema, true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let url = factline_postgres::redact_url(&args.store);
+    runtime.block_on(async {
+        let known = factline_postgres::schema::MIGRATIONS;
+        if args.dry_run {
+            let applied = factline_postgres::applied_migrations(&options)
+                .await
+                .with_context(|| format!("reading the migrations of {url}"))?;
+            for migration in known {
+                let state = if applied.contains(&migration.version) {
+                    "applied"
+                } else {
+                    "pending"
+                };
+                println!(
+                    "{:>4}  {state:<8} {}",
+                    migration.version, migration.description
+                );
+            }
+            return Ok(());
+        }
+        let applied = factline_postgres::migrate(&options)
+            .await
+            .with_context(|| format!("migrating schema {} at {url}", args.pg_schema))?;
+        for migration in &applied {
+            let state = if migration.applied_now {
+                "applied now"
+            } else {
+                "already applied"
+            };
+            println!(
+                "{:>4}  {state:<16} {}",
+                migration.version, migration.description
+            );
+        }
+        let now = applied.iter().filter(|m| m.applied_now).count();
+        println!(
+            "schema {} is at migration {} ({now} applied now)",
+            args.pg_schema,
+            factline_postgres::schema::latest_version()
+        );
+        Ok(())
+    })
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -8,10 +8,12 @@
 //! - `log` (default): [`log`] — the embedded durable engine, `log::LogStore`;
 //! - `messaging` (default): [`messaging`] — messages with ack/nack, publishers and subscribers,
 //!   the router and its middleware, the in-memory pub/sub, CQRS buses, the store as a source;
+//! - `postgres` (opt-in): [`postgres`] — the PostgreSQL event store, `postgres::PostgresStore`,
+//!   with appends inside your own transaction, inline projections and a checkpoint store;
 //! - `testkit`: [`testkit`] — the conformance suite for your own backend (and, with
 //!   `messaging`, `messaging::testkit` for your own pub/sub adapter).
 //!
-//! PostgreSQL and the broker adapters arrive as their own crates and features.
+//! The broker adapters arrive as their own crates and features.
 
 pub use factline_core::*;
 
@@ -23,3 +25,6 @@ pub use factline_log as log;
 
 #[cfg(feature = "messaging")]
 pub use factline_messaging as messaging;
+
+#[cfg(feature = "postgres")]
+pub use factline_postgres as postgres;

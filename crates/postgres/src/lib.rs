@@ -48,7 +48,8 @@ pub use error::{CheckpointError, DatabaseError, MigrateError, OpenError, redact_
 pub use rows::CorruptRow;
 pub use schema::{SchemaName, SchemaNameError};
 pub use store::{
-    CHECKPOINT_NAME_BYTES_MAX, CheckpointStore, PostgresOptions, PostgresStore, migrate,
+    CHECKPOINT_NAME_BYTES_MAX, CheckpointStore, PostgresOptions, PostgresStore, applied_migrations,
+    migrate,
 };
 pub use writer::WriterStats;
 

@@ -223,6 +223,21 @@ pub async fn migrate(
     Ok(applied)
 }
 
+/// The versions of the migrations applied to `options.schema` (empty for a new schema),
+/// changing nothing.
+pub async fn applied_migrations(options: &PostgresOptions) -> Result<Vec<i64>, OpenError> {
+    let connect = options.connect_options()?;
+    let mut conn = timed(
+        options.connect_timeout,
+        &options.url,
+        PgConnection::connect_with(&connect),
+    )
+    .await?;
+    let applied = schema::applied(&mut conn, &options.schema).await?;
+    conn.close().await.ok();
+    Ok(applied.into_iter().map(|(version, _, _)| version).collect())
+}
+
 impl PostgresStore {
     /// Connects, migrates (unless told not to) and starts the writer and the listener.
     pub async fn open(options: PostgresOptions) -> Result<Self, OpenError> {
