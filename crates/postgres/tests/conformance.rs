@@ -28,10 +28,10 @@ mod two_processes {
 
     use factline_core::{
         AllSlice, AppendError, AppendRequest, AppendResult, DeleteError, DeleteMode, EventFilter,
-        EventStore, ExpectedVersion, Limits, MetadataError, Position, ReadAllError,
-        ReadAllOptions, ReadStreamError, ReadStreamOptions, Revision, Snapshot, SnapshotError,
-        SnapshotStore, StorageError, StreamId, StreamMetadata, StreamSlice, SubscribeError,
-        SubscribeFrom, Subscription, async_trait, testkit::model::check_against_model,
+        EventStore, ExpectedVersion, Limits, MetadataError, Position, ReadAllError, ReadAllOptions,
+        ReadStreamError, ReadStreamOptions, Revision, Snapshot, SnapshotError, SnapshotStore,
+        StorageError, StreamId, StreamMetadata, StreamSlice, SubscribeError, SubscribeFrom,
+        Subscription, async_trait, testkit::model::check_against_model,
     };
     use factline_postgres::PostgresStore;
 
