@@ -89,6 +89,21 @@ fn ok(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()
 }
 
+/// The body of a plain HTTP/1.1 GET.
+fn http_get(base: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
 fn migrate(schema: &str, extra: &[&str]) -> Output {
     Command::new(BIN)
         .args(["migrate", "--store", &url(), "--pg-schema", schema])
@@ -122,6 +137,12 @@ fn serve_on_postgres_keeps_events_across_restarts_and_migrate_reports() {
         "-e",
         "no-stream",
     ]));
+    // The writer's metrics reach the server's Prometheus endpoint.
+    let metrics = http_get(&server.url, "/metrics");
+    assert!(
+        metrics.contains("factline_postgres_batches_total"),
+        "{metrics}"
+    );
     drop(server);
     // A second server on the same schema sees what the first stored.
     let server = Served::start(&schema);

@@ -100,11 +100,16 @@ pub(crate) async fn run(config: WriterConfig, mut jobs: mpsc::Receiver<Job>) {
             },
         };
         let started = std::time::Instant::now();
+        let appends = batch.len() as u64;
         let healthy = run_batch(connection, &config, &mut cache, &mut batch).await;
+        let elapsed = started.elapsed();
         WriterStats::add(
             &config.stats.batch_time_us,
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         );
+        metrics::histogram!("factline_postgres_batch_duration_seconds")
+            .record(elapsed.as_secs_f64());
+        metrics::histogram!("factline_postgres_batch_appends").record(appends as f64);
         if !healthy {
             // The connection may be mid-transaction or broken: start over with a new one.
             conn = None;
@@ -147,6 +152,8 @@ async fn run_batch(
         match append_fast(conn, &config.sql, &requests, cache).await {
             Ok(Some(results)) => {
                 WriterStats::add(&config.stats.fast_batches, 1);
+                metrics::counter!("factline_postgres_batches_total", "path" => "one_statement")
+                    .increment(1);
                 drop(requests);
                 for (job, result) in batch.drain(..).zip(results) {
                     let _ = job.reply.send(result);
@@ -156,6 +163,8 @@ async fn run_batch(
             Ok(None) => {
                 if attempted {
                     WriterStats::add(&config.stats.fast_misses, 1);
+                    metrics::counter!("factline_postgres_one_statement_fallbacks_total")
+                        .increment(1);
                 }
             }
             Err(error) => {
@@ -166,6 +175,7 @@ async fn run_batch(
         }
     }
     WriterStats::add(&config.stats.locked_batches, 1);
+    metrics::counter!("factline_postgres_batches_total", "path" => "locked").increment(1);
     match transaction(conn, config, cache, &requests).await {
         Ok(results) => {
             for (job, result) in batch.drain(..).zip(results) {
