@@ -50,7 +50,7 @@ pub use rules::{
 pub use store::{
     AllSlice, AppendRequest, AppendResult, DeleteMode, Direction, EventFilter, EventStore,
     ParseSubscribeFromError, ReadAllOptions, ReadStreamOptions, Snapshot, SnapshotStore,
-    StreamMetadata, StreamSlice, SubscribeFrom,
+    StreamMetadata, StreamPage, StreamSlice, SubscribeFrom,
 };
 pub use subscription::{
     ChangeListener, ChangeNotifier, SUBSCRIPTION_PAGE_EVENTS, Subscription, follow_all,

@@ -234,52 +234,20 @@ impl EventStore for InMemoryStore {
                 stream: stream.clone(),
             });
         };
-        let limit = options.limit as u64;
-        let collect = |from: u64, to_inclusive: u64, backwards: bool| -> Vec<RecordedEvent> {
-            let mut events: Vec<_> = (from..=to_inclusive)
-                .filter_map(|r| view.event(Revision(r)).cloned())
-                .collect();
-            if backwards {
-                events.reverse();
-            }
-            events
-        };
-        let slice = match options.direction {
-            Direction::Forwards => {
-                let start = options.from.unwrap_or(first).max(first).0;
-                let end = start.saturating_add(limit).min(last.0 + 1);
-                StreamSlice {
-                    events: if start < end {
-                        collect(start, end - 1, false)
-                    } else {
-                        Vec::new()
-                    },
-                    last_revision: last,
-                    next_revision: Revision(end.max(start)),
-                    is_end: end > last.0,
-                }
-            }
-            Direction::Backwards => {
-                let start = options.from.unwrap_or(last).min(last);
-                if start < first || limit == 0 {
-                    StreamSlice {
-                        events: Vec::new(),
-                        last_revision: last,
-                        next_revision: start,
-                        is_end: start < first,
-                    }
-                } else {
-                    let lowest = start.0.saturating_sub(limit - 1).max(first.0);
-                    StreamSlice {
-                        events: collect(lowest, start.0, true),
-                        last_revision: last,
-                        next_revision: Revision(lowest.saturating_sub(1)),
-                        is_end: lowest == first.0,
-                    }
-                }
-            }
-        };
-        Ok(slice)
+        let page = options.page(first, last);
+        let mut events: Vec<_> = page
+            .revisions
+            .filter_map(|r| view.event(Revision(r)).cloned())
+            .collect();
+        if page.backwards {
+            events.reverse();
+        }
+        Ok(StreamSlice {
+            events,
+            last_revision: last,
+            next_revision: page.next_revision,
+            is_end: page.is_end,
+        })
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<AllSlice, ReadAllError> {

@@ -110,6 +110,58 @@ impl Default for ReadStreamOptions {
     }
 }
 
+/// Which revisions a stream read returns and how its page ends, from the read's options and the
+/// stream's visible revisions `first..=last`: the paging rules every backend shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPage {
+    /// The revisions to return, ascending (a backwards read returns them in reverse).
+    pub revisions: std::ops::Range<u64>,
+    /// [`StreamSlice::next_revision`].
+    pub next_revision: Revision,
+    /// [`StreamSlice::is_end`].
+    pub is_end: bool,
+    /// True for a backwards read.
+    pub backwards: bool,
+}
+
+impl ReadStreamOptions {
+    /// The page this read covers of a stream whose visible revisions are `first..=last`.
+    pub fn page(&self, first: Revision, last: Revision) -> StreamPage {
+        let limit = self.limit as u64;
+        match self.direction {
+            Direction::Forwards => {
+                let start = self.from.unwrap_or(first).max(first).0;
+                let end = start.saturating_add(limit).min(last.0 + 1);
+                StreamPage {
+                    revisions: start..end.max(start),
+                    next_revision: Revision(end.max(start)),
+                    is_end: end > last.0,
+                    backwards: false,
+                }
+            }
+            Direction::Backwards => {
+                let start = self.from.unwrap_or(last).min(last);
+                if start < first || limit == 0 {
+                    StreamPage {
+                        revisions: 0..0,
+                        next_revision: start,
+                        is_end: start < first,
+                        backwards: true,
+                    }
+                } else {
+                    let lowest = start.0.saturating_sub(limit - 1).max(first.0);
+                    StreamPage {
+                        revisions: lowest..start.0 + 1,
+                        next_revision: Revision(lowest.saturating_sub(1)),
+                        is_end: lowest == first.0,
+                        backwards: true,
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A page of one stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamSlice {

@@ -415,42 +415,16 @@ impl EventStore for LogStore {
     ) -> Result<StreamSlice, ReadStreamError> {
         self.limits().check_read_count(options.limit)?;
         let (first, last) = self.visible_range(stream)?;
-        let limit = options.limit as u64;
-        let (range, next_revision, is_end, backwards) = match options.direction {
-            Direction::Forwards => {
-                let start = options.from.unwrap_or(first).max(first).0;
-                let end = start.saturating_add(limit).min(last.0 + 1);
-                (
-                    start..end.max(start),
-                    Revision(end.max(start)),
-                    end > last.0,
-                    false,
-                )
-            }
-            Direction::Backwards => {
-                let start = options.from.unwrap_or(last).min(last);
-                if start < first || limit == 0 {
-                    (0..0, start, start < first, true)
-                } else {
-                    let lowest = start.0.saturating_sub(limit - 1).max(first.0);
-                    (
-                        lowest..start.0 + 1,
-                        Revision(lowest.saturating_sub(1)),
-                        lowest == first.0,
-                        true,
-                    )
-                }
-            }
-        };
-        let mut events = self.reader().stream_events(stream, range)?;
-        if backwards {
+        let page = options.page(first, last);
+        let mut events = self.reader().stream_events(stream, page.revisions)?;
+        if page.backwards {
             events.reverse();
         }
         Ok(StreamSlice {
             events,
             last_revision: last,
-            next_revision,
-            is_end,
+            next_revision: page.next_revision,
+            is_end: page.is_end,
         })
     }
 

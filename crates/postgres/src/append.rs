@@ -23,7 +23,7 @@ use factline_core::{
     AppendError, AppendRequest, AppendResult, EventData, MultiDecision, Position, RecordedEvent,
     Revision, StorageError, StreamView, Timestamp, category_of, decide_append_multi,
 };
-use sqlx::{AssertSqlSafe, PgConnection, Row as _};
+use sqlx::{AssertSqlSafe, PgConnection};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -31,7 +31,8 @@ use crate::{
     InlineProjection, InlineProjectionError,
     error::storage,
     rows::{
-        StreamRow, content_code, encode_metadata, from_sql, offset_date_time, timestamp, to_sql,
+        StreamRow, content_code, encode_metadata, from_sql, get, offset_date_time, timestamp,
+        to_sql,
     },
     sql::Sql,
 };
@@ -101,6 +102,25 @@ struct Columns<'a> {
     content_types: Vec<i16>,
     data: Vec<&'a [u8]>,
     metadata: Vec<Option<Vec<u8>>>,
+}
+
+impl<'a> Columns<'a> {
+    /// Binds the nine column arrays as `$1..$9`, as both write statements take them.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.positions)
+            .bind(&self.streams)
+            .bind(&self.revisions)
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.categories)
+            .bind(&self.content_types)
+            .bind(&self.data)
+            .bind(&self.metadata)
+    }
 }
 
 /// One job's outcome.
@@ -284,10 +304,10 @@ pub(crate) async fn append_jobs(
         .fetch_one(&mut *conn)
         .await
         .map_err(storage("locking the log head"))?;
-    let next_position = from_sql("next_position", decode(&head, 0)?)?;
-    let last_recorded_at = timestamp(decode::<OffsetDateTime>(&head, 1)?);
-    let now = timestamp(decode::<OffsetDateTime>(&head, 2)?);
-    let generation: i64 = decode(&head, 3)?;
+    let next_position = from_sql("next_position", get(&head, 0, "next_position")?)?;
+    let last_recorded_at = timestamp(get::<OffsetDateTime>(&head, 1, "last_recorded_at")?);
+    let now = timestamp(get::<OffsetDateTime>(&head, 2, "clock_timestamp")?);
+    let generation: i64 = get(&head, 3, "generation")?;
     // Recorded times never go backwards along the log, even if the server clock does.
     let recorded_at = now.max(last_recorded_at);
 
@@ -306,17 +326,9 @@ pub(crate) async fn append_jobs(
         last_recorded_at,
     };
     if !decided.columns.positions.is_empty() {
-        let columns = &decided.columns;
-        sqlx::query(AssertSqlSafe(Arc::clone(&sql.write)))
-            .bind(&columns.positions)
-            .bind(&columns.streams)
-            .bind(&columns.revisions)
-            .bind(&columns.ids)
-            .bind(&columns.types)
-            .bind(&columns.categories)
-            .bind(&columns.content_types)
-            .bind(&columns.data)
-            .bind(&columns.metadata)
+        decided
+            .columns
+            .bind(sqlx::query(AssertSqlSafe(Arc::clone(&sql.write))))
             .bind(offset_date_time(recorded_at))
             .bind(&decided.head_streams)
             .bind(&decided.head_revisions)
@@ -387,9 +399,7 @@ pub(crate) async fn append_fast(
                 .insert((*stream).to_owned(), StreamRow::default());
         }
         for row in &rows {
-            let name: String = row
-                .try_get(0)
-                .map_err(|e| crate::rows::corrupt("stream", e))?;
+            let name: String = get(row, 0, "stream")?;
             cache.streams.insert(name, StreamRow::decode(row, 1)?);
         }
     }
@@ -444,32 +454,23 @@ pub(crate) async fn append_fast(
         }
         return Ok(Some(decided.results));
     }
-    let columns = &decided.columns;
-    let written: Option<OffsetDateTime> =
-        sqlx::query_scalar(AssertSqlSafe(Arc::clone(&sql.write_fast)))
-            .bind(&columns.positions)
-            .bind(&columns.streams)
-            .bind(&columns.revisions)
-            .bind(&columns.ids)
-            .bind(&columns.types)
-            .bind(&columns.categories)
-            .bind(&columns.content_types)
-            .bind(&columns.data)
-            .bind(&columns.metadata)
-            .bind(&decided.head_streams)
-            .bind(&decided.head_revisions)
-            .bind(to_sql(decided.next_position))
-            .bind(&sql.channel)
-            .bind(head.generation)
-            .bind(&guard_ids)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|error| {
-                cache.invalidate();
-                storage("writing events (the outcome is unknown: retry with the same event ids)")(
-                    error,
-                )
-            })?;
+    let written = decided
+        .columns
+        .bind(sqlx::query(AssertSqlSafe(Arc::clone(&sql.write_fast))))
+        .bind(&decided.head_streams)
+        .bind(&decided.head_revisions)
+        .bind(to_sql(decided.next_position))
+        .bind(&sql.channel)
+        .bind(head.generation)
+        .bind(&guard_ids)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|error| {
+            cache.invalidate();
+            storage("writing events (the outcome is unknown: retry with the same event ids)")(error)
+        })?
+        .map(|row| get::<OffsetDateTime>(&row, 0, "last_recorded_at"))
+        .transpose()?;
     let Some(recorded_at) = written.map(timestamp) else {
         cache.invalidate();
         return Ok(None);
@@ -496,14 +497,6 @@ pub(crate) async fn append_fast(
     Ok(Some(results))
 }
 
-fn decode<'r, T>(row: &'r sqlx::postgres::PgRow, index: usize) -> Result<T, StorageError>
-where
-    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-{
-    row.try_get(index)
-        .map_err(|error| crate::rows::corrupt("log_head", error))
-}
-
 async fn load_work<'j>(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -522,9 +515,7 @@ async fn load_work<'j>(
         .await
         .map_err(storage("reading stream heads"))?;
     for row in &rows {
-        let name: &str = row
-            .try_get(0)
-            .map_err(|e| crate::rows::corrupt("stream", e))?;
+        let name: &str = get(row, 0, "stream")?;
         if let Ok(index) = streams.binary_search(&name) {
             work.entry(streams[index]).or_default().row = StreamRow::decode(row, 1)?;
         }
@@ -548,29 +539,16 @@ async fn load_work<'j>(
         .await
         .map_err(storage("looking up event ids"))?;
     for row in &rows {
-        let name: &str = row
-            .try_get(0)
-            .map_err(|e| crate::rows::corrupt("stream", e))?;
+        let name: &str = get(row, 0, "stream")?;
         let Some(entry) = work.get_mut(name) else {
             continue; // the same id in a stream these jobs do not write
         };
-        let id: Uuid = row.try_get(1).map_err(|e| crate::rows::corrupt("id", e))?;
-        let revision = Revision(from_sql(
-            "revision",
-            row.try_get(2)
-                .map_err(|e| crate::rows::corrupt("revision", e))?,
-        )?);
+        let id: Uuid = get(row, 1, "id")?;
+        let revision = Revision(from_sql("revision", get(row, 2, "revision")?)?);
         let known = Known {
             revision,
-            position: Position(from_sql(
-                "position",
-                row.try_get(3)
-                    .map_err(|e| crate::rows::corrupt("position", e))?,
-            )?),
-            recorded_at: timestamp(
-                row.try_get(4)
-                    .map_err(|e| crate::rows::corrupt("recorded_at", e))?,
-            ),
+            position: Position(from_sql("position", get(row, 3, "position")?)?),
+            recorded_at: timestamp(get(row, 4, "recorded_at")?),
         };
         entry.ids.insert(id, known);
         entry.by_revision.insert(revision, id);

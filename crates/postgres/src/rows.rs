@@ -75,7 +75,13 @@ pub(crate) fn encode_metadata(metadata: &Metadata) -> Option<Vec<u8>> {
     serde_json::to_vec(metadata).ok()
 }
 
-fn get<'r, T>(row: &'r PgRow, index: usize, column: &'static str) -> Result<T, StorageError>
+/// Column `index` of `row` as `T`; a value that does not decode is a [`CorruptRow`] naming
+/// `column`.
+pub(crate) fn get<'r, T>(
+    row: &'r PgRow,
+    index: usize,
+    column: &'static str,
+) -> Result<T, StorageError>
 where
     T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {

@@ -39,6 +39,42 @@ pub(crate) struct Sql {
     pub(crate) delete_checkpoint: Arc<str>,
 }
 
+/// The two data-modifying CTEs both write statements share: insert the events from the column
+/// arrays `$1..$9` and upsert the stream heads from `heads_streams` / `heads_revisions`, with
+/// `recorded_at` as the recorded time and `from` prefixed to each `FROM` (to join a CTE that
+/// must have produced a row).
+fn write_ctes(
+    s: &str,
+    recorded_at: &str,
+    from: &str,
+    heads_streams: &str,
+    heads_revisions: &str,
+) -> String {
+    format!(
+        "appended AS (
+             INSERT INTO {s}.events
+                 (position, stream, revision, id, event_type, category, content_type,
+                  data, metadata, recorded_at)
+             SELECT e.position, e.stream, e.revision, e.id, e.event_type, e.category,
+                    e.content_type, e.data, e.metadata, {recorded_at}
+             FROM {from}
+                  unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[],
+                         $6::text[], $7::smallint[], $8::bytea[], $9::bytea[])
+                  AS e(position, stream, revision, id, event_type, category,
+                       content_type, data, metadata)
+         ),
+         heads AS (
+             INSERT INTO {s}.streams (stream, last_revision, last_recorded_at)
+             SELECT h.stream, h.last_revision, {recorded_at}
+             FROM {from} unnest({heads_streams}::text[], {heads_revisions}::bigint[])
+                  AS h(stream, last_revision)
+             ON CONFLICT (stream) DO UPDATE
+                 SET last_revision = EXCLUDED.last_revision,
+                     last_recorded_at = EXCLUDED.last_recorded_at
+         )"
+    )
+}
+
 impl Sql {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
@@ -74,29 +110,13 @@ impl Sql {
                 "SELECT e.stream, e.id, e.revision, e.position, e.recorded_at \
                  FROM unnest($1::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e"
             )),
+            // $10: the recorded time.
             write: arc(format!(
-                "WITH appended AS (
-                     INSERT INTO {s}.events
-                         (position, stream, revision, id, event_type, category, content_type,
-                          data, metadata, recorded_at)
-                     SELECT e.position, e.stream, e.revision, e.id, e.event_type, e.category,
-                            e.content_type, e.data, e.metadata, $10
-                     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[],
-                                 $6::text[], $7::smallint[], $8::bytea[], $9::bytea[])
-                          AS e(position, stream, revision, id, event_type, category,
-                               content_type, data, metadata)
-                 ),
-                 heads AS (
-                     INSERT INTO {s}.streams (stream, last_revision, last_recorded_at)
-                     SELECT h.stream, h.last_revision, $10
-                     FROM unnest($11::text[], $12::bigint[]) AS h(stream, last_revision)
-                     ON CONFLICT (stream) DO UPDATE
-                         SET last_revision = EXCLUDED.last_revision,
-                             last_recorded_at = EXCLUDED.last_recorded_at
-                 )
+                "WITH {}
                  UPDATE {s}.log_head
                  SET next_position = $13, last_recorded_at = $10, generation = generation + 1
-                 RETURNING pg_notify($14, next_position::text)"
+                 RETURNING pg_notify($14, next_position::text)",
+                write_ctes(&s, "$10", "", "$11", "$12")
             )),
             stream_row: arc(format!(
                 "SELECT last_revision, last_recorded_at, max_count, max_age_us, \
@@ -160,27 +180,9 @@ impl Sql {
                        )
                      RETURNING last_recorded_at, pg_notify($13, next_position::text)
                  ),
-                 appended AS (
-                     INSERT INTO {s}.events
-                         (position, stream, revision, id, event_type, category, content_type,
-                          data, metadata, recorded_at)
-                     SELECT e.position, e.stream, e.revision, e.id, e.event_type, e.category,
-                            e.content_type, e.data, e.metadata, head.last_recorded_at
-                     FROM head,
-                          unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[],
-                                 $6::text[], $7::smallint[], $8::bytea[], $9::bytea[])
-                          AS e(position, stream, revision, id, event_type, category,
-                               content_type, data, metadata)
-                 ),
-                 heads AS (
-                     INSERT INTO {s}.streams (stream, last_revision, last_recorded_at)
-                     SELECT h.stream, h.last_revision, head.last_recorded_at
-                     FROM head, unnest($10::text[], $11::bigint[]) AS h(stream, last_revision)
-                     ON CONFLICT (stream) DO UPDATE
-                         SET last_revision = EXCLUDED.last_revision,
-                             last_recorded_at = EXCLUDED.last_recorded_at
-                 )
-                 SELECT last_recorded_at FROM head"
+                 {}
+                 SELECT last_recorded_at FROM head",
+                write_ctes(&s, "head.last_recorded_at", "head, ", "$10", "$11")
             )),
             save_snapshot: arc(format!(
                 "INSERT INTO {s}.snapshots (stream, revision, state_version, state, taken_at) \

@@ -13,7 +13,7 @@ use factline_core::{
     check_append_requests, decide_delete, follow_all, follow_stream,
 };
 use sqlx::{
-    AssertSqlSafe, Connection as _, PgConnection, PgPool, Row as _,
+    AssertSqlSafe, Connection as _, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +24,7 @@ use crate::{
     append::{BatchError, append_jobs},
     error::{CheckpointError, OpenError, redact_url, storage},
     rows::{
-        Interner, StreamRow, decode_event, decode_u64, from_sql, metadata_columns,
+        Interner, StreamRow, decode_event, decode_u64, from_sql, get, metadata_columns,
         offset_date_time, timestamp, to_sql,
     },
     schema::{self, SchemaName},
@@ -149,6 +149,17 @@ impl PostgresOptions {
         self
     }
 
+    /// One connection, within `connect_timeout`.
+    async fn connect_one(&self) -> Result<PgConnection, OpenError> {
+        let connect = self.connect_options()?;
+        timed(
+            self.connect_timeout,
+            &self.url,
+            PgConnection::connect_with(&connect),
+        )
+        .await
+    }
+
     fn connect_options(&self) -> Result<PgConnectOptions, OpenError> {
         let options =
             PgConnectOptions::from_str(&self.url).map_err(|source| OpenError::InvalidUrl {
@@ -211,13 +222,7 @@ async fn timed<T>(
 pub async fn migrate(
     options: &PostgresOptions,
 ) -> Result<Vec<schema::AppliedMigration>, OpenError> {
-    let connect = options.connect_options()?;
-    let mut conn = timed(
-        options.connect_timeout,
-        &options.url,
-        PgConnection::connect_with(&connect),
-    )
-    .await?;
+    let mut conn = options.connect_one().await?;
     let applied = schema::migrate(&mut conn, &options.schema).await?;
     conn.close().await.ok();
     Ok(applied)
@@ -226,13 +231,7 @@ pub async fn migrate(
 /// The versions of the migrations applied to `options.schema` (empty for a new schema),
 /// changing nothing.
 pub async fn applied_migrations(options: &PostgresOptions) -> Result<Vec<i64>, OpenError> {
-    let connect = options.connect_options()?;
-    let mut conn = timed(
-        options.connect_timeout,
-        &options.url,
-        PgConnection::connect_with(&connect),
-    )
-    .await?;
+    let mut conn = options.connect_one().await?;
     let applied = schema::applied(&mut conn, &options.schema).await?;
     conn.close().await.ok();
     Ok(applied.into_iter().map(|(version, _, _)| version).collect())
@@ -242,12 +241,7 @@ impl PostgresStore {
     /// Connects, migrates (unless told not to) and starts the writer and the listener.
     pub async fn open(options: PostgresOptions) -> Result<Self, OpenError> {
         let connect = options.connect_options()?;
-        let mut conn = timed(
-            options.connect_timeout,
-            &options.url,
-            PgConnection::connect_with(&connect),
-        )
-        .await?;
+        let mut conn = options.connect_one().await?;
         if options.migrate_on_open {
             schema::migrate(&mut conn, &options.schema).await?;
         } else {
@@ -383,12 +377,7 @@ impl PostgresStore {
 
     async fn stream_row(&self, stream: &StreamId) -> Result<Option<StreamRow>, StorageError> {
         self.ensure_open()?;
-        let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.stream_row)))
-            .bind(stream.as_str())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(storage("reading a stream head"))?;
-        row.map(|row| StreamRow::decode(&row, 0)).transpose()
+        read_stream_row(&self.inner.pool, &self.inner.sql, stream).await
     }
 
     async fn next_position(&self) -> Result<u64, StorageError> {
@@ -453,9 +442,7 @@ impl PostgresStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(storage("locking the log head"))?;
-        let now: time::OffsetDateTime = head
-            .try_get(2)
-            .map_err(|e| crate::rows::corrupt("log_head", e))?;
+        let now: time::OffsetDateTime = get(&head, 2, "clock_timestamp")?;
         let value = body(&mut *tx, timestamp(now)).await?;
         sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.notify)))
             .bind(&self.inner.sql.channel)
@@ -551,11 +538,7 @@ impl PostgresStore {
                 .fetch_all(&self.inner.pool)
                 .await
                 .map_err(storage("reading $all"))?;
-            let mut interner = Interner::default();
-            events = rows
-                .iter()
-                .map(|row| decode_event(row, None, &mut interner))
-                .collect::<Result<Vec<_>, _>>()?;
+            events = decode_all(&rows, None)?;
         }
         let full = options.limit > 0 && events.len() == options.limit;
         Ok(if forwards {
@@ -710,14 +693,15 @@ impl StreamView for RowView<'_> {
     }
 }
 
-async fn locked_stream_row(
-    conn: &mut PgConnection,
+/// The `streams` row of `stream`, on the pool or inside a transaction.
+async fn read_stream_row<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     sql: &Sql,
     stream: &StreamId,
 ) -> Result<Option<StreamRow>, StorageError> {
     let row = sqlx::query(AssertSqlSafe(Arc::clone(&sql.stream_row)))
         .bind(stream.as_str())
-        .fetch_optional(&mut *conn)
+        .fetch_optional(executor)
         .await
         .map_err(storage("reading a stream head"))?;
     row.map(|row| StreamRow::decode(&row, 0)).transpose()
@@ -770,75 +754,49 @@ impl EventStore for PostgresStore {
         if first > last {
             return Err(not_found());
         }
-        let limit = options.limit as u64;
-        let (sql, low, high) = match options.direction {
-            Direction::Forwards => {
-                let start = options.from.unwrap_or(first).max(first).0;
-                let end = start.saturating_add(limit).min(last.0 + 1);
-                if start >= end {
-                    return Ok(StreamSlice {
-                        events: Vec::new(),
-                        last_revision: last,
-                        next_revision: Revision(end.max(start)),
-                        is_end: end > last.0,
-                    });
-                }
-                (&self.inner.sql.read_stream_forwards, start, end - 1)
-            }
-            Direction::Backwards => {
-                let start = options.from.unwrap_or(last).min(last);
-                if start < first || limit == 0 {
-                    return Ok(StreamSlice {
-                        events: Vec::new(),
-                        last_revision: last,
-                        next_revision: start,
-                        is_end: start < first,
-                    });
-                }
-                let lowest = start.0.saturating_sub(limit - 1).max(first.0);
-                (&self.inner.sql.read_stream_backwards, lowest, start.0)
-            }
+        let page = options.page(first, last);
+        let revisions = page.revisions.clone();
+        let mut slice = StreamSlice {
+            events: Vec::new(),
+            last_revision: last,
+            next_revision: page.next_revision,
+            is_end: page.is_end,
         };
-        let events = {
-            use futures::TryStreamExt as _;
-            let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
-                .bind(stream.as_str())
-                .bind(to_sql(low))
-                .bind(to_sql(high))
-                .bind(to_sql(limit))
-                .fetch(&self.inner.pool);
-            let mut events = Vec::with_capacity(usize::try_from(high - low + 1).unwrap_or(0));
-            let mut interner = Interner::default();
-            // Decoded as the rows arrive, overlapping the server's work.
-            while let Some(row) = rows.try_next().await.map_err(storage("reading a stream"))? {
-                events.push(decode_event(&row, Some(stream), &mut interner)?);
-            }
-            events
+        if revisions.is_empty() {
+            return Ok(slice);
+        }
+        let sql = if page.backwards {
+            &self.inner.sql.read_stream_backwards
+        } else {
+            &self.inner.sql.read_stream_forwards
         };
-        if events.len() as u64 != high - low + 1 {
+        let count = revisions.end - revisions.start;
+        use futures::TryStreamExt as _;
+        let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+            .bind(stream.as_str())
+            .bind(to_sql(revisions.start))
+            .bind(to_sql(revisions.end - 1))
+            .bind(to_sql(count))
+            .fetch(&self.inner.pool);
+        slice.events = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+        let mut interner = Interner::default();
+        // Decoded as the rows arrive, overlapping the server's work.
+        while let Some(row) = rows.try_next().await.map_err(storage("reading a stream"))? {
+            slice
+                .events
+                .push(decode_event(&row, Some(stream), &mut interner)?);
+        }
+        if slice.events.len() as u64 != count {
             return Err(StorageError::Backend(
                 format!(
-                    "stream {stream}: revisions {low}..={high} should all be stored, found {}",
-                    events.len()
+                    "stream {stream}: revisions {revisions:?} should all be stored, found {}",
+                    slice.events.len()
                 )
                 .into(),
             )
             .into());
         }
-        Ok(match options.direction {
-            Direction::Forwards => StreamSlice {
-                events,
-                last_revision: last,
-                next_revision: Revision(high + 1),
-                is_end: high >= last.0,
-            },
-            Direction::Backwards => StreamSlice {
-                events,
-                last_revision: last,
-                next_revision: Revision(low.saturating_sub(1)),
-                is_end: low == first.0,
-            },
-        })
+        Ok(slice)
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<AllSlice, ReadAllError> {
@@ -980,7 +938,7 @@ impl EventStore for PostgresStore {
         check_metadata_fits(&metadata)?;
         let sql = Arc::clone(&self.inner.sql);
         self.locked(async |conn: &mut PgConnection, _now| {
-            let row = locked_stream_row(conn, &sql, stream).await?;
+            let row = read_stream_row(&mut *conn, &sql, stream).await?;
             if row.is_some_and(|r| r.tombstoned) {
                 return Err(MetadataError::Deleted {
                     stream: stream.clone(),
@@ -1008,7 +966,7 @@ impl EventStore for PostgresStore {
     ) -> Result<(), DeleteError> {
         let sql = Arc::clone(&self.inner.sql);
         self.locked(async |conn: &mut PgConnection, now| {
-            let row = locked_stream_row(conn, &sql, stream).await?;
+            let row = read_stream_row(&mut *conn, &sql, stream).await?;
             let view = RowView {
                 row: row.as_ref(),
                 now,
@@ -1093,11 +1051,10 @@ impl SnapshotStore for PostgresStore {
             .await
             .map_err(storage("loading a snapshot"))?;
         let Some(row) = row else { return Ok(None) };
-        let column = |name: &'static str| move |e| crate::rows::corrupt(name, e);
-        let revision: i64 = row.try_get(0).map_err(column("revision"))?;
-        let state_version: i32 = row.try_get(1).map_err(column("state_version"))?;
-        let state: Vec<u8> = row.try_get(2).map_err(column("state"))?;
-        let taken_at: time::OffsetDateTime = row.try_get(3).map_err(column("taken_at"))?;
+        let revision: i64 = get(&row, 0, "revision")?;
+        let state_version: i32 = get(&row, 1, "state_version")?;
+        let state: Vec<u8> = get(&row, 2, "state")?;
+        let taken_at: time::OffsetDateTime = get(&row, 3, "taken_at")?;
         Ok(Some(Snapshot {
             revision: Revision(from_sql("revision", revision)?),
             state_version: u32::from_ne_bytes(state_version.to_ne_bytes()),
