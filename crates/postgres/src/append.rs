@@ -10,8 +10,9 @@
 //! 3. decides every job with the shared rules of `factline_core::rules`, in order, each against
 //!    the state the jobs before it left (so two jobs of one batch can conflict or replay each
 //!    other exactly as if they had run one after the other);
-//! 4. writes all accepted events, the new stream heads and the new log head in one statement,
-//!    which also queues the commit notification.
+//! 4. writes all accepted events and the new log head in one statement, which also queues the
+//!    commit notification (a stream's head is its highest stored revision: nothing else is
+//!    written per stream).
 //!
 //! Positions come from `log_head.next_position` under the lock, so they are gapless, and the
 //! lock is held until commit, so they are handed out in commit order: a reader that sees
@@ -198,8 +199,6 @@ impl Cache {
 struct Decided<'a> {
     results: Vec<JobResult>,
     columns: Columns<'a>,
-    head_streams: Vec<&'a str>,
-    head_revisions: Vec<i64>,
     next_position: u64,
     projected: Option<Vec<RecordedEvent>>,
 }
@@ -216,7 +215,6 @@ fn decide_jobs<'a>(
 ) -> Decided<'a> {
     let mut results = Vec::with_capacity(jobs.len());
     let mut columns = Columns::default();
-    let mut last_heads: HashMap<&'a str, Revision> = HashMap::new();
     let mut projected: Option<Vec<RecordedEvent>> = want_events.then(Vec::new);
     for job in jobs {
         let decision = decide_append_multi(job, |r| View {
@@ -260,7 +258,6 @@ fn decide_jobs<'a>(
                     let last = Revision(revision.0 - 1);
                     entry.row.last_revision = Some(last);
                     entry.row.last_recorded_at = Some(recorded_at);
-                    last_heads.insert(request.stream.as_str(), last);
                     out.push(AppendResult {
                         next_expected_version: last,
                         position: Position(next_position - 1),
@@ -272,15 +269,9 @@ fn decide_jobs<'a>(
         };
         results.push(result);
     }
-    let (head_streams, head_revisions) = last_heads
-        .into_iter()
-        .map(|(stream, revision)| (stream, to_sql(revision.value())))
-        .unzip();
     Decided {
         results,
         columns,
-        head_streams,
-        head_revisions,
         next_position,
         projected,
     }
@@ -330,8 +321,6 @@ pub(crate) async fn append_jobs(
             .columns
             .bind(sqlx::query(AssertSqlSafe(Arc::clone(&sql.write))))
             .bind(offset_date_time(recorded_at))
-            .bind(&decided.head_streams)
-            .bind(&decided.head_revisions)
             .bind(to_sql(decided.next_position))
             .bind(&sql.channel)
             .execute(&mut *conn)
@@ -457,8 +446,6 @@ pub(crate) async fn append_fast(
     let written = decided
         .columns
         .bind(sqlx::query(AssertSqlSafe(Arc::clone(&sql.write_fast))))
-        .bind(&decided.head_streams)
-        .bind(&decided.head_revisions)
         .bind(to_sql(decided.next_position))
         .bind(&sql.channel)
         .bind(head.generation)

@@ -233,15 +233,6 @@ pub(crate) fn decode_event(
     })
 }
 
-/// The `bigint` in column `index` (for the head column of a `$all` page).
-pub(crate) fn decode_u64(
-    row: &PgRow,
-    index: usize,
-    column: &'static str,
-) -> Result<u64, StorageError> {
-    raw_u64(row, index, column)
-}
-
 /// A row of the `streams` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct StreamRow {

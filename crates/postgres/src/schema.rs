@@ -123,10 +123,11 @@ impl Migration {
 }
 
 /// Every migration this build knows, in version order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "log head, streams, events, snapshots, checkpoints",
-    sql: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "log head, streams, events, snapshots, checkpoints",
+        sql: r#"
 -- The single row that orders every append. A writer locks it before it numbers its events and
 -- keeps the lock until it commits, so positions are handed out in commit order and without gaps
 -- (see docs/design/postgres.md). `generation` grows with every change to the log or to a
@@ -188,7 +189,19 @@ CREATE TABLE {schema}.checkpoints (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        description: "stream heads from the events index: streams keeps metadata and tombstones",
+        sql: r#"
+-- A stream's head (its last revision and that event's recorded time) is read from the
+-- (stream, revision) index of events, which every append writes anyway, instead of being
+-- upserted into streams by every append. streams now has a row per stream given metadata,
+-- soft-deleted, tombstoned or snapshotted. Events are never deleted, so nothing is lost.
+ALTER TABLE {schema}.streams DROP COLUMN last_revision, DROP COLUMN last_recorded_at;
+"#,
+    },
+];
 
 /// The highest version this build knows.
 pub fn latest_version() -> i64 {

@@ -33,23 +33,17 @@ pub(crate) struct Sql {
     pub(crate) write_fast: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
-    pub(crate) stream_for_share: Arc<str>,
+    pub(crate) lock_stream_row: Arc<str>,
     pub(crate) load_checkpoint: Arc<str>,
     pub(crate) save_checkpoint: Arc<str>,
     pub(crate) delete_checkpoint: Arc<str>,
 }
 
-/// The two data-modifying CTEs both write statements share: insert the events from the column
-/// arrays `$1..$9` and upsert the stream heads from `heads_streams` / `heads_revisions`, with
-/// `recorded_at` as the recorded time and `from` prefixed to each `FROM` (to join a CTE that
-/// must have produced a row).
-fn write_ctes(
-    s: &str,
-    recorded_at: &str,
-    from: &str,
-    heads_streams: &str,
-    heads_revisions: &str,
-) -> String {
+/// The data-modifying CTE both write statements share: insert the events from the column arrays
+/// `$1..$9`, with `recorded_at` as the recorded time and `from` prefixed to the `FROM` (to join a
+/// CTE that must have produced a row). A stream's head is its highest stored revision, so
+/// nothing else is written per stream.
+fn insert_events_cte(s: &str, recorded_at: &str, from: &str) -> String {
     format!(
         "appended AS (
              INSERT INTO {s}.events
@@ -62,16 +56,25 @@ fn write_ctes(
                          $6::text[], $7::smallint[], $8::bytea[], $9::bytea[])
                   AS e(position, stream, revision, id, event_type, category,
                        content_type, data, metadata)
-         ),
-         heads AS (
-             INSERT INTO {s}.streams (stream, last_revision, last_recorded_at)
-             SELECT h.stream, h.last_revision, {recorded_at}
-             FROM {from} unnest({heads_streams}::text[], {heads_revisions}::bigint[])
-                  AS h(stream, last_revision)
-             ON CONFLICT (stream) DO UPDATE
-                 SET last_revision = EXCLUDED.last_revision,
-                     last_recorded_at = EXCLUDED.last_recorded_at
          )"
+    )
+}
+
+/// The head of the stream named by `key` (a column or parameter): its last revision and that
+/// event's recorded time from the `(stream, revision)` index, then its `streams` row (metadata,
+/// tombstone), as the columns `last_revision, last_recorded_at, max_count, max_age_us,
+/// truncate_before, tombstoned` that [`crate::rows::StreamRow::decode`] reads; no row when the
+/// stream has neither events nor a `streams` row.
+fn stream_head_from(s: &str, key: &str) -> String {
+    format!(
+        "e.revision, e.recorded_at, m.max_count, m.max_age_us, m.truncate_before, \
+         coalesce(m.tombstoned, false) \
+         FROM (SELECT {key}::text AS stream) AS k \
+         LEFT JOIN LATERAL (SELECT revision, recorded_at FROM {s}.events \
+                            WHERE stream = k.stream ORDER BY revision DESC LIMIT 1) AS e ON true \
+         LEFT JOIN LATERAL (SELECT max_count, max_age_us, truncate_before, tombstoned \
+                            FROM {s}.streams WHERE stream = k.stream OFFSET 0) AS m ON true \
+         WHERE e.revision IS NOT NULL OR m.tombstoned IS NOT NULL"
     )
 }
 
@@ -86,11 +89,6 @@ impl Sql {
             "SELECT stream, id, revision, position, recorded_at FROM {s}.events \
              WHERE id = k.id OFFSET 0"
         );
-        let probe_stream = format!(
-            "SELECT stream, last_revision, last_recorded_at, max_count, max_age_us, \
-                    truncate_before, tombstoned \
-             FROM {s}.streams WHERE stream = k.stream OFFSET 0"
-        );
         let arc = |text: String| -> Arc<str> { text.into() };
         Self {
             schema: schema.clone(),
@@ -101,10 +99,9 @@ impl Sql {
             )),
             head: arc(format!("SELECT next_position FROM {s}.log_head")),
             select_streams: arc(format!(
-                "SELECT r.stream, r.last_revision, r.last_recorded_at, r.max_count, r.max_age_us, \
-                        r.truncate_before, r.tombstoned \
-                 FROM unnest($1::text[]) AS k(stream) \
-                 CROSS JOIN LATERAL ({probe_stream}) AS r"
+                "SELECT h.* FROM unnest($1::text[]) AS q(stream) \
+                 CROSS JOIN LATERAL (SELECT k.stream, {}) AS h",
+                stream_head_from(&s, "q.stream")
             )),
             select_known_ids: arc(format!(
                 "SELECT e.stream, e.id, e.revision, e.position, e.recorded_at \
@@ -114,15 +111,11 @@ impl Sql {
             write: arc(format!(
                 "WITH {}
                  UPDATE {s}.log_head
-                 SET next_position = $13, last_recorded_at = $10, generation = generation + 1
-                 RETURNING pg_notify($14, next_position::text)",
-                write_ctes(&s, "$10", "", "$11", "$12")
+                 SET next_position = $11, last_recorded_at = $10, generation = generation + 1
+                 RETURNING pg_notify($12, next_position::text)",
+                insert_events_cte(&s, "$10", "")
             )),
-            stream_row: arc(format!(
-                "SELECT last_revision, last_recorded_at, max_count, max_age_us, \
-                        truncate_before, tombstoned \
-                 FROM {s}.streams WHERE stream = $1"
-            )),
+            stream_row: arc(format!("SELECT {}", stream_head_from(&s, "$1"))),
             first_unexpired: arc(format!(
                 "SELECT min(revision) FROM {s}.events \
                  WHERE stream = $1 AND revision >= $2 AND revision <= $3 AND recorded_at >= $4"
@@ -138,8 +131,8 @@ impl Sql {
                  ORDER BY revision DESC LIMIT $4"
             )),
             read_all_forwards: arc(format!(
-                "SELECT {EVENT_COLUMNS}, (SELECT next_position FROM {s}.log_head) \
-                 FROM {s}.events WHERE position >= $1 ORDER BY position LIMIT $2"
+                "SELECT {EVENT_COLUMNS} FROM {s}.events \
+                 WHERE position >= $1 ORDER BY position LIMIT $2"
             )),
             read_all_backwards: arc(format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
@@ -153,7 +146,8 @@ impl Sql {
                      truncate_before = EXCLUDED.truncate_before"
             )),
             soft_delete: arc(format!(
-                "UPDATE {s}.streams SET truncate_before = $2 WHERE stream = $1"
+                "INSERT INTO {s}.streams (stream, truncate_before) VALUES ($1, $2) \
+                 ON CONFLICT (stream) DO UPDATE SET truncate_before = EXCLUDED.truncate_before"
             )),
             tombstone: arc(format!(
                 "INSERT INTO {s}.streams (stream, tombstoned) VALUES ($1, true) \
@@ -172,17 +166,17 @@ impl Sql {
             write_fast: arc(format!(
                 "WITH head AS (
                      UPDATE {s}.log_head
-                     SET next_position = $12, generation = generation + 1,
+                     SET next_position = $10, generation = generation + 1,
                          last_recorded_at = greatest(clock_timestamp(), last_recorded_at)
-                     WHERE generation = $14
+                     WHERE generation = $12
                        AND NOT EXISTS (
-                           SELECT 1 FROM unnest($15::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e
+                           SELECT 1 FROM unnest($13::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e
                        )
-                     RETURNING last_recorded_at, pg_notify($13, next_position::text)
+                     RETURNING last_recorded_at, pg_notify($11, next_position::text)
                  ),
                  {}
                  SELECT last_recorded_at FROM head",
-                write_ctes(&s, "head.last_recorded_at", "head, ", "$10", "$11")
+                insert_events_cte(&s, "head.last_recorded_at", "head, ")
             )),
             save_snapshot: arc(format!(
                 "INSERT INTO {s}.snapshots (stream, revision, state_version, state, taken_at) \
@@ -196,8 +190,12 @@ impl Sql {
                 "SELECT revision, state_version, state, taken_at FROM {s}.snapshots \
                  WHERE stream = $1"
             )),
-            stream_for_share: arc(format!(
-                "SELECT tombstoned FROM {s}.streams WHERE stream = $1 FOR SHARE"
+            // Creates the stream's row if needed and locks it, so a tombstone (which writes the
+            // same row) waits for the caller's commit; returns whether it is tombstoned.
+            lock_stream_row: arc(format!(
+                "INSERT INTO {s}.streams (stream) VALUES ($1) \
+                 ON CONFLICT (stream) DO UPDATE SET tombstoned = {s}.streams.tombstoned \
+                 RETURNING tombstoned"
             )),
             load_checkpoint: arc(format!(
                 "SELECT position FROM {s}.checkpoints WHERE name = $1"

@@ -24,8 +24,8 @@ use crate::{
     append::{BatchError, append_jobs},
     error::{CheckpointError, OpenError, redact_url, storage},
     rows::{
-        Interner, StreamRow, decode_event, decode_u64, from_sql, get, metadata_columns,
-        offset_date_time, timestamp, to_sql,
+        Interner, StreamRow, decode_event, from_sql, get, metadata_columns, offset_date_time,
+        timestamp, to_sql,
     },
     schema::{self, SchemaName},
     sql::Sql,
@@ -457,26 +457,31 @@ impl PostgresStore {
     /// Reads up to `limit` events of `$all` from `from`, decoding rows as they arrive (so the
     /// decoding overlaps the server's work). Returns the events and the log head (0 without
     /// events).
-    async fn read_all_ranges(
+    /// Up to `limit` events from position `from` on, and whether more follow: one row beyond
+    /// `limit` is asked for and, when it comes, counted but not decoded. One extra row per
+    /// page costs less than the log head as a column of every row (this read streams millions
+    /// of rows in a scan).
+    async fn read_all_forwards(
         &self,
         from: u64,
         limit: usize,
-    ) -> Result<(Vec<factline_core::RecordedEvent>, u64), StorageError> {
+    ) -> Result<(Vec<factline_core::RecordedEvent>, bool), StorageError> {
         use futures::TryStreamExt as _;
         let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all_forwards)))
             .bind(to_sql(from))
-            .bind(to_sql(limit as u64))
+            .bind(to_sql(limit as u64).saturating_add(1))
             .fetch(&self.inner.pool);
         let mut events = Vec::with_capacity(limit);
-        let mut head = 0;
+        let mut more = false;
         let mut interner = Interner::default();
         while let Some(row) = rows.try_next().await.map_err(storage("reading $all"))? {
-            if events.is_empty() {
-                head = decode_u64(&row, 9, "next_position")?;
+            if events.len() == limit {
+                more = true;
+            } else {
+                events.push(decode_event(&row, None, &mut interner)?);
             }
-            events.push(decode_event(&row, None, &mut interner)?);
         }
-        Ok((events, head))
+        Ok((events, more))
     }
 
     async fn read_all_filtered(
@@ -833,31 +838,14 @@ impl EventStore for PostgresStore {
         match options.direction {
             Direction::Forwards => {
                 let from = options.from.map_or(0, |p| p.0);
-                let (events, head) = self.read_all_ranges(from, limit).await?;
-                // Positions are gapless and commit-ordered: a short page is everything
-                // committed at the read, so it ends the log.
-                Ok(match events.last() {
-                    Some(last) if events.len() == limit => {
-                        let next = last.position.0 + 1;
-                        AllSlice {
-                            events,
-                            next_position: Position(next),
-                            is_end: next >= head,
-                        }
-                    }
-                    Some(last) => {
-                        let next = last.position.0 + 1;
-                        AllSlice {
-                            events,
-                            next_position: Position(next),
-                            is_end: true,
-                        }
-                    }
-                    None => AllSlice {
-                        events,
-                        next_position: Position(from),
-                        is_end: true,
-                    },
+                let (events, more) = self.read_all_forwards(from, limit).await?;
+                // Positions are gapless and commit-ordered: when no row follows the page, the
+                // page is everything committed at the read, so it ends the log.
+                let next = events.last().map_or(from, |last| last.position.0 + 1);
+                Ok(AllSlice {
+                    events,
+                    next_position: Position(next),
+                    is_end: !more,
                 })
             }
             Direction::Backwards => {
@@ -1015,14 +1003,14 @@ impl SnapshotStore for PostgresStore {
             .begin()
             .await
             .map_err(storage("beginning a transaction"))?;
-        // FOR SHARE: a tombstone cannot commit between the check and the write.
-        let tombstoned: Option<bool> =
-            sqlx::query_scalar(AssertSqlSafe(Arc::clone(&sql.stream_for_share)))
-                .bind(stream.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(storage("checking a stream for a snapshot"))?;
-        if tombstoned == Some(true) {
+        // The stream's row stays locked until commit: a tombstone cannot commit between the
+        // check and the write.
+        let tombstoned: bool = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&sql.lock_stream_row)))
+            .bind(stream.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(storage("checking a stream for a snapshot"))?;
+        if tombstoned {
             return Err(SnapshotError::Deleted {
                 stream: stream.clone(),
             });
