@@ -45,6 +45,10 @@ pub(crate) struct Target {
     /// Bearer token for a server with auth.
     #[arg(long, env = "FACTLINE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A PEM certificate to trust for an https:// server besides the system's roots (e.g. the
+    /// server's self-signed `--tls-cert`).
+    #[arg(long, env = "FACTLINE_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
 }
 
 /// An open store, closed cleanly at the end (a data directory releases its lock).
@@ -74,6 +78,11 @@ async fn open(target: &Target) -> anyhow::Result<Opened> {
     let mut options = ClientOptions::default();
     if let Some(token) = &target.token {
         options = options.token(token.clone());
+    }
+    if let Some(path) = &target.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the certificate {}", path.display()))?;
+        options = options.root_certificate_pem(pem);
     }
     let store = HttpStore::connect_with(&target.server, options)
         .await

@@ -21,6 +21,11 @@ struct Served {
 
 impl Served {
     fn start(data: &std::path::Path) -> Self {
+        Self::start_with(data, &[], "http")
+    }
+
+    /// `serve` with `extra` arguments, answering on `scheme`.
+    fn start_with(data: &std::path::Path, extra: &[&std::ffi::OsStr], scheme: &str) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -31,13 +36,14 @@ impl Served {
             .args(["serve", "--data"])
             .arg(data)
             .args(["--listen", &listen])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let served = Self {
             child,
-            url: format!("http://{listen}"),
+            url: format!("{scheme}://{listen}"),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&listen).is_err() {
@@ -242,6 +248,45 @@ fn store_commands_work_over_http_and_on_a_data_directory() {
         .unwrap();
     assert_eq!(nothing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&nothing.stderr).contains("connecting to http://127.0.0.1:9"));
+}
+
+#[test]
+fn commands_talk_to_an_https_server_given_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
+    let server = Served::start_with(
+        &dir.path().join("served"),
+        &[
+            "--tls-cert".as_ref(),
+            cert_path.as_os_str(),
+            "--tls-key".as_ref(),
+            key_path.as_os_str(),
+        ],
+        "https",
+    );
+    let ca = cert_path.to_str().unwrap();
+    ok(&server.run(&[
+        "append",
+        "secure-1",
+        "--type",
+        "Sealed",
+        "--payload",
+        "{}",
+        "--ca-cert",
+        ca,
+    ]));
+    let read = ok(&server.run(&["read", "secure-1", "--json", "--ca-cert", ca]));
+    assert!(read.contains("Sealed"), "{read}");
+    // Without the certificate the server is not trusted: a failure that says where it went.
+    let refused = server.run(&["read", "secure-1"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("connecting to https://"), "{stderr}");
 }
 
 #[test]

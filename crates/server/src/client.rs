@@ -6,8 +6,11 @@
 //! (`409 wrong_expected_version` into [`AppendError::WrongExpectedVersion`] with its expected
 //! and actual versions, `413 limit_exceeded` into the [`LimitExceeded`] it names, …). Transport
 //! failures and answers the client cannot read are [`StorageError::Backend`] holding an
-//! [`HttpError`]. Subscriptions read Server-Sent Events; one whose connection drops ends with a
-//! storage error (resume with [`SubscribeFrom::After`] the last position seen).
+//! [`HttpError`]. Subscriptions read Server-Sent Events; when the connection drops (the server
+//! restarted, a proxy timed out) the subscription reconnects after the last event it delivered,
+//! with backoff, so the caller sees no gap and no duplicate; it ends with the error only after
+//! [`ClientOptions::subscription_reconnects_max`] failed attempts in a row. `https://` URLs use
+//! rustls with the system's trusted roots, plus any [`ClientOptions::root_certificate_pem`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,15 +58,43 @@ pub struct ClientOptions {
     pub connect_timeout_ms: Option<u64>,
     /// Longest wait for any read from the server, the body of a subscription included: keep
     /// it above the server's SSE keep-alive interval (15 s by default), or idle subscriptions
-    /// end with a timeout. Default 60 s.
+    /// end with a timeout (and reconnect). Default 60 s.
     pub request_timeout_ms: Option<u64>,
+    /// A PEM certificate (or several) to trust for `https://` besides the system's roots, e.g.
+    /// a server's self-signed certificate or a private CA.
+    pub root_certificate_pem: Option<Vec<u8>>,
+    /// Failed reconnects in a row after which a dropped subscription ends with its error.
+    /// `Some(0)` never reconnects. Default 8 (with backoff from 100 ms doubling to 5 s: about
+    /// 20 s of outage).
+    pub subscription_reconnects_max: Option<u32>,
 }
+
+/// Failed reconnects in a row before a subscription gives up, unless set.
+const SUBSCRIPTION_RECONNECTS_MAX: u32 = 8;
+/// Wait before the first reconnect; doubles with each failure up to
+/// [`RECONNECT_BACKOFF_MAX_MS`].
+const RECONNECT_BACKOFF_FIRST_MS: u64 = 100;
+const RECONNECT_BACKOFF_MAX_MS: u64 = 5_000;
 
 impl ClientOptions {
     /// Sends `token` as a bearer token.
     #[must_use]
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self
+    }
+
+    /// Trusts the PEM certificate(s) `pem` for `https://`, besides the system's roots.
+    #[must_use]
+    pub fn root_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate_pem = Some(pem.into());
+        self
+    }
+
+    /// Sets [`ClientOptions::subscription_reconnects_max`].
+    #[must_use]
+    pub fn subscription_reconnects_max(mut self, reconnects: u32) -> Self {
+        self.subscription_reconnects_max = Some(reconnects);
         self
     }
 }
@@ -77,6 +108,12 @@ pub enum ConnectError {
     InvalidUrl {
         /// The URL given.
         url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// [`ClientOptions::root_certificate_pem`] holds no certificate rustls can read.
+    #[error("the root certificate given cannot be used: {reason}")]
+    InvalidRootCertificate {
         /// What is wrong with it.
         reason: String,
     },
@@ -140,6 +177,7 @@ pub struct HttpStore {
     token: Option<String>,
     limits: Limits,
     version: String,
+    subscription_reconnects_max: u32,
 }
 
 /// An error answer of the server, with what the request was.
@@ -316,9 +354,9 @@ impl HttpStore {
             reason,
         };
         let mut base = Url::parse(url).map_err(|error| invalid(error.to_string()))?;
-        if base.scheme() != "http" {
+        if base.scheme() != "http" && base.scheme() != "https" {
             return Err(invalid(format!(
-                "the scheme is {:?}; this build speaks plain http (TLS is not built yet)",
+                "the scheme is {:?}; give http:// or https://",
                 base.scheme()
             )));
         }
@@ -330,13 +368,29 @@ impl HttpStore {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(
                 options.connect_timeout_ms.unwrap_or(10_000),
             ))
             .read_timeout(Duration::from_millis(
                 options.request_timeout_ms.unwrap_or(60_000),
-            ))
+            ));
+        if let Some(pem) = &options.root_certificate_pem {
+            let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|error| {
+                ConnectError::InvalidRootCertificate {
+                    reason: error.to_string(),
+                }
+            })?;
+            if certificates.is_empty() {
+                return Err(ConnectError::InvalidRootCertificate {
+                    reason: "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".to_owned(),
+                });
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder
             .build()
             .map_err(|error| invalid(error.to_string()))?;
         let mut store = Self {
@@ -345,6 +399,9 @@ impl HttpStore {
             token: options.token,
             limits: Limits::default(),
             version: String::new(),
+            subscription_reconnects_max: options
+                .subscription_reconnects_max
+                .unwrap_or(SUBSCRIPTION_RECONNECTS_MAX),
         };
         let info: Info = store
             .send_json(store.request(Method::GET, store.url(&["info"])))
@@ -465,36 +522,218 @@ impl HttpStore {
         }
     }
 
-    async fn subscribe(
+    /// The URL of a subscription to `target` from `from`.
+    fn subscription_url(&self, target: &Target, from: SubscribeFrom<u64>) -> Url {
+        match target {
+            Target::Stream(stream) => {
+                let mut url = self.stream_url(stream, &["subscribe"]);
+                url.query_pairs_mut().append_pair("from", &from_query(from));
+                url
+            }
+            Target::All(filter) => {
+                let mut url = self.url(&["all", "subscribe"]);
+                let mut pairs = url.query_pairs_mut();
+                pairs.append_pair("from", &from_query(from));
+                for (key, value) in filter_query(filter) {
+                    pairs.append_pair(key, &value);
+                }
+                drop(pairs);
+                url
+            }
+        }
+    }
+
+    /// Opens the event stream of `target` from `from`. `Err((error, resumable))`: resumable
+    /// when the server could not be reached or answered 5xx (a restart, a proxy between).
+    async fn open_events(
         &self,
-        url: Url,
-        stream: Option<&StreamId>,
-    ) -> Result<Subscription, SubscribeError> {
-        let response = match self
+        target: &Target,
+        from: SubscribeFrom<u64>,
+    ) -> Result<SseEvents, (SubscribeError, bool)> {
+        let url = self.subscription_url(target, from);
+        let sent = self
             .send(
                 self.request(Method::GET, url)
                     .header(reqwest::header::ACCEPT, "text/event-stream"),
             )
-            .await
-            .map_err(StorageError::backend)?
-        {
-            Ok(response) => response,
-            Err(failure) => {
+            .await;
+        let response = match sent {
+            Ok(Ok(response)) => response,
+            Ok(Err(failure)) => {
                 if failure.code() == Some(ErrorCode::StreamDeleted)
-                    && let Some(stream) = stream
+                    && let Target::Stream(stream) = target
                 {
-                    return Err(SubscribeError::Deleted {
-                        stream: failure.stream(stream),
-                    });
+                    let stream = failure.stream(stream);
+                    return Err((SubscribeError::Deleted { stream }, false));
                 }
-                return Err(failure.storage().into());
+                let resumable = failure.status.is_server_error();
+                return Err((failure.storage().into(), resumable));
             }
+            Err(error) => return Err((StorageError::backend(error).into(), true)),
         };
-        Ok(Subscription::new(sse_events(
+        let stream = match target {
+            Target::Stream(stream) => Some(stream.clone()),
+            Target::All(_) => None,
+        };
+        Ok(Box::pin(sse_events(
             response.url().clone(),
             response.bytes_stream(),
-            stream.cloned(),
+            stream,
         )))
+    }
+
+    /// A subscription to `target` that reconnects after the last event it delivered (see the
+    /// module docs). `End` is resolved to the current head first, so that events appended
+    /// while a connection is down are not skipped as "before the end".
+    async fn subscribe(
+        &self,
+        target: Target,
+        from: SubscribeFrom<u64>,
+    ) -> Result<Subscription, SubscribeError> {
+        let from = match from {
+            SubscribeFrom::End => self.end_of(&target).await?,
+            other => other,
+        };
+        let events = self.open_events(&target, from).await.map_err(|(e, _)| e)?;
+        let follow = Follow {
+            store: self.clone(),
+            target,
+            from,
+            events: Some(events),
+            failures: 0,
+            done: false,
+        };
+        Ok(Subscription::new(futures::stream::unfold(
+            follow,
+            Follow::next,
+        )))
+    }
+
+    /// `SubscribeFrom::End` of `target` as a checkpoint: after its last event, or its start.
+    async fn end_of(&self, target: &Target) -> Result<SubscribeFrom<u64>, SubscribeError> {
+        match target {
+            Target::All(_) => Ok(match self.head_position().await? {
+                Some(head) => SubscribeFrom::After(head.value()),
+                None => SubscribeFrom::Start,
+            }),
+            Target::Stream(stream) => {
+                let last = self
+                    .read_stream(stream, ReadStreamOptions::backwards().limit(1))
+                    .await;
+                match last {
+                    Ok(slice) => Ok(SubscribeFrom::After(slice.last_revision.value())),
+                    Err(ReadStreamError::NotFound { .. }) => Ok(SubscribeFrom::Start),
+                    Err(ReadStreamError::Deleted { stream }) => {
+                        Err(SubscribeError::Deleted { stream })
+                    }
+                    Err(ReadStreamError::Storage(error)) => Err(error.into()),
+                    Err(other) => Err(StorageError::backend(HttpError::Malformed {
+                        method: Method::GET,
+                        url: self.stream_url(stream, &[]),
+                        reason: format!("reading the stream's end: {other}"),
+                    })
+                    .into()),
+                }
+            }
+        }
+    }
+}
+
+/// What a subscription follows, to reconnect to it.
+enum Target {
+    Stream(StreamId),
+    All(EventFilter),
+}
+
+/// The events of one SSE connection; `Err` ends it, resumable or not.
+type SseEvents = std::pin::Pin<Box<dyn Stream<Item = Result<RecordedEvent, SseEnd>> + Send>>;
+
+/// How one SSE connection ended.
+struct SseEnd {
+    error: SubscriptionError,
+    /// The connection dropped or the server ended it (a reconnect may continue); false for a
+    /// tombstone, a failure the server reported, or an answer the client cannot read.
+    resumable: bool,
+}
+
+/// A subscription across reconnects.
+struct Follow {
+    store: HttpStore,
+    target: Target,
+    /// Where a reconnect starts: after the last event delivered.
+    from: SubscribeFrom<u64>,
+    events: Option<SseEvents>,
+    /// Failed connections in a row.
+    failures: u32,
+    done: bool,
+}
+
+impl Follow {
+    async fn next(mut self) -> Option<(Result<RecordedEvent, SubscriptionError>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let Some(events) = self.events.as_mut() else {
+                let backoff = RECONNECT_BACKOFF_FIRST_MS
+                    .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
+                    .min(RECONNECT_BACKOFF_MAX_MS);
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+                match self.store.open_events(&self.target, self.from).await {
+                    Ok(events) => {
+                        tracing::info!(attempt = self.failures, "subscription reconnected");
+                        self.events = Some(events);
+                    }
+                    Err((error, resumable)) => {
+                        let error = match error {
+                            SubscribeError::Deleted { stream } => {
+                                SubscriptionError::Deleted { stream }
+                            }
+                            SubscribeError::Storage(error) => error.into(),
+                            // SubscribeError is non-exhaustive.
+                            other => StorageError::backend(other).into(),
+                        };
+                        if let Some(ended) = self.failed(resumable, error) {
+                            return Some((Err(ended), self));
+                        }
+                    }
+                }
+                continue;
+            };
+            match events.next().await {
+                Some(Ok(event)) => {
+                    self.from = SubscribeFrom::After(match self.target {
+                        Target::Stream(_) => event.revision.value(),
+                        Target::All(_) => event.position.value(),
+                    });
+                    self.failures = 0;
+                    return Some((Ok(event), self));
+                }
+                Some(Err(end)) => {
+                    self.events = None;
+                    if let Some(ended) = self.failed(end.resumable, end.error) {
+                        return Some((Err(ended), self));
+                    }
+                }
+                None => self.events = None,
+            }
+        }
+    }
+
+    /// Counts a failure; `Some(error)` when the subscription ends with it.
+    fn failed(&mut self, resumable: bool, error: SubscriptionError) -> Option<SubscriptionError> {
+        self.failures += 1;
+        if resumable && self.failures <= self.store.subscription_reconnects_max {
+            tracing::warn!(
+                attempt = self.failures,
+                attempts_max = self.store.subscription_reconnects_max,
+                %error,
+                "subscription dropped; reconnecting"
+            );
+            return None;
+        }
+        self.done = true;
+        Some(error)
     }
 }
 
@@ -504,7 +743,7 @@ fn sse_events(
     url: Url,
     body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
     stream: Option<StreamId>,
-) -> impl Stream<Item = Result<RecordedEvent, SubscriptionError>> + Send + 'static {
+) -> impl Stream<Item = Result<RecordedEvent, SseEnd>> + Send + 'static {
     struct State<B> {
         body: std::pin::Pin<Box<B>>,
         parser: SseParser,
@@ -527,34 +766,50 @@ fn sse_events(
         }
         loop {
             if let Some(message) = state.ready.pop_front() {
-                let item = message_to_event(&state.url, state.stream.as_ref(), message);
+                let item =
+                    message_to_event(&state.url, state.stream.as_ref(), message).map_err(|error| {
+                        SseEnd {
+                            error,
+                            resumable: false,
+                        }
+                    });
                 if item.is_err() {
                     state.done = true;
                 }
                 return Some((item, state));
             }
-            let error = match state.body.next().await {
+            let (error, resumable) = match state.body.next().await {
                 Some(Ok(chunk)) => match state.parser.feed(&chunk, &mut state.ready) {
                     Ok(()) => continue,
-                    Err(reason) => HttpError::Malformed {
+                    Err(reason) => (
+                        HttpError::Malformed {
+                            method: Method::GET,
+                            url: state.url.clone(),
+                            reason,
+                        },
+                        false,
+                    ),
+                },
+                Some(Err(source)) => (
+                    HttpError::Transport {
                         method: Method::GET,
                         url: state.url.clone(),
-                        reason,
+                        source,
                     },
-                },
-                Some(Err(source)) => HttpError::Transport {
-                    method: Method::GET,
-                    url: state.url.clone(),
-                    source,
-                },
-                None => HttpError::Malformed {
-                    method: Method::GET,
-                    url: state.url.clone(),
-                    reason: "the server ended the subscription".to_owned(),
-                },
+                    true,
+                ),
+                None => (
+                    HttpError::Malformed {
+                        method: Method::GET,
+                        url: state.url.clone(),
+                        reason: "the server ended the subscription".to_owned(),
+                    },
+                    true,
+                ),
             };
             state.done = true;
-            return Some((Err(StorageError::backend(error).into()), state));
+            let error = StorageError::backend(error).into();
+            return Some((Err(SseEnd { error, resumable }), state));
         }
     })
 }
@@ -899,10 +1154,8 @@ impl EventStore for HttpStore {
         stream: &StreamId,
         from: SubscribeFrom<Revision>,
     ) -> Result<Subscription, SubscribeError> {
-        let mut url = self.stream_url(stream, &["subscribe"]);
-        url.query_pairs_mut()
-            .append_pair("from", &from_query(from.map(Revision::value)));
-        self.subscribe(url, Some(stream)).await
+        self.subscribe(Target::Stream(stream.clone()), from.map(Revision::value))
+            .await
     }
 
     async fn subscribe_to_all(
@@ -910,15 +1163,8 @@ impl EventStore for HttpStore {
         from: SubscribeFrom<Position>,
         filter: EventFilter,
     ) -> Result<Subscription, SubscribeError> {
-        let mut url = self.url(&["all", "subscribe"]);
-        {
-            let mut pairs = url.query_pairs_mut();
-            pairs.append_pair("from", &from_query(from.map(Position::value)));
-            for (key, value) in filter_query(&filter) {
-                pairs.append_pair(key, &value);
-            }
-        }
-        self.subscribe(url, None).await
+        self.subscribe(Target::All(filter), from.map(Position::value))
+            .await
     }
 
     async fn stream_metadata(&self, stream: &StreamId) -> Result<StreamMetadata, MetadataError> {

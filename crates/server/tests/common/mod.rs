@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub struct TestServer {
+    pub addr: std::net::SocketAddr,
     pub base: String,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -19,9 +20,18 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(store: Arc<dyn Store>, options: ServerOptions) -> Self {
-        let options = options.listen("127.0.0.1:0".parse().unwrap());
-        let server = Server::bind(store, options).await.unwrap();
-        let base = format!("http://{}", server.local_addr());
+        Self::start_on(store, options, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A server on `listen` (port 0: any free port).
+    pub async fn start_on(
+        store: Arc<dyn Store>,
+        options: ServerOptions,
+        listen: std::net::SocketAddr,
+    ) -> Self {
+        let server = Server::bind(store, options.listen(listen)).await.unwrap();
+        let addr = server.local_addr();
+        let base = format!("http://{addr}");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -32,6 +42,7 @@ impl TestServer {
                 .unwrap();
         });
         Self {
+            addr,
             base,
             client: reqwest::Client::new(),
             stop: Some(stop),
