@@ -164,7 +164,7 @@ impl AuthConfig {
         Ok(Self { by_hash })
     }
 
-    fn grant(&self, token: &str) -> Option<Arc<Grant>> {
+    pub(crate) fn grant(&self, token: &str) -> Option<Arc<Grant>> {
         self.by_hash.get(&sha256(token)).cloned()
     }
 }
@@ -296,7 +296,46 @@ impl Grant {
     }
 }
 
-/// The caller of a request, resolved from its `Authorization: Bearer` header.
+/// The cookie a browser signed in at `/ui/login` presents the token in (base64url, HttpOnly,
+/// SameSite=Strict).
+pub(crate) const TOKEN_COOKIE: &str = "factline_token";
+
+/// The token in the request's [`TOKEN_COOKIE`], if any.
+pub(crate) fn cookie_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == TOKEN_COOKIE)
+        .and_then(|(_, value)| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(value)
+                .ok()
+        })
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
+/// The `Set-Cookie` value that signs a browser in with `token`; `secure` when served over TLS.
+pub(crate) fn sign_in_cookie(token: &str, secure: bool) -> String {
+    use base64::Engine as _;
+    let value = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.as_bytes());
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{TOKEN_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict{secure}")
+}
+
+/// The `Set-Cookie` value that signs a browser out.
+pub(crate) fn sign_out_cookie(secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{TOKEN_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}")
+}
+
+/// The caller of a request, resolved from its `Authorization: Bearer` header — or, for `GET`
+/// and `HEAD` only, from the [`TOKEN_COOKIE`] of a browser signed in at `/ui/login`. A cookie
+/// never authorizes a write, so no other site can make a signed-in browser change anything
+/// (besides SameSite=Strict keeping the cookie off cross-site requests).
 #[derive(Debug, Clone)]
 pub(crate) struct Caller(pub(crate) Arc<Grant>);
 
@@ -314,15 +353,26 @@ impl FromRequestParts<AppState> for Caller {
         let Some(auth) = &state.auth else {
             return Ok(Self(Arc::new(Grant::Everything)));
         };
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION);
+        let reads =
+            parts.method == axum::http::Method::GET || parts.method == axum::http::Method::HEAD;
+        if header.is_none()
+            && reads
+            && let Some(token) = cookie_token(&parts.headers)
+        {
+            return auth.grant(&token).map(Self).ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::Unauthorized,
-                    "this server requires a bearer token (Authorization: Bearer <token>)",
+                    "the token this browser signed in with is no longer accepted: sign in again at /ui/login",
                 )
-            })?;
+            });
+        }
+        let header = header.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "this server requires a bearer token (Authorization: Bearer <token>; browsers: sign in at /ui/login)",
+            )
+        })?;
         let token = header
             .to_str()
             .ok()

@@ -146,6 +146,11 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
+    /// The error's code.
+    pub(crate) fn code(&self) -> ErrorCode {
+        self.code
+    }
+
     pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,

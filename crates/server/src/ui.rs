@@ -12,16 +12,19 @@
 //! Every value from the store goes through `maud`'s escaping; the one script (`/ui/app.js`)
 //! writes events into the page with `textContent` only. Pages answer with a strict
 //! Content-Security-Policy (`default-src 'self'`), so nothing but our own assets can load.
-//! With auth on, pages take the same bearer token as the API (`Authorization` header).
+//! With auth on, pages take the same bearer token as the API (`Authorization` header), or a
+//! browser signs in at `/ui/login`: the token goes into an HttpOnly, SameSite=Strict cookie
+//! that authorizes reads only (pages, and the SSE the live tail opens), never a write. A page
+//! asked for without a token redirects to the sign-in form.
 
 use std::collections::BTreeSet;
 
 use axum::{
-    Router,
-    extract::{Path, Query, State},
-    http::{HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
-    routing::get,
+    Form, Router,
+    extract::{FromRequestParts, Path, Query, State},
+    http::{HeaderValue, StatusCode, header, request::Parts},
+    response::{IntoResponse, Redirect, Response},
+    routing::{get, post},
 };
 use factline_core::{
     ContentType, EventFilter, EventStore, Position, ReadAllOptions, ReadStreamError,
@@ -30,7 +33,11 @@ use factline_core::{
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 
-use crate::{AppState, auth::Caller};
+use crate::{
+    AppState,
+    auth::{self, Caller},
+    error::ErrorCode,
+};
 
 /// Events of `$all` the stream list looks through.
 const RECENT_EVENTS_SCANNED: usize = 10_000;
@@ -50,6 +57,8 @@ pub(crate) fn routes(state: AppState) -> Router {
         .route("/ui/streams/{stream}", get(stream_page))
         .route("/ui/all", get(all_page))
         .route("/ui/tail", get(tail_page))
+        .route("/ui/login", get(login_page).post(sign_in))
+        .route("/ui/logout", post(sign_out))
         .route("/ui/app.css", get(|| async { asset(STYLE, "text/css") }))
         .route(
             "/ui/app.js",
@@ -88,6 +97,7 @@ fn page(title: &str, body: Markup) -> Response {
                         a href="/ui/all" { "$all" }
                         a href="/ui/tail" { "Live tail" }
                         a href="/openapi.json" { "API" }
+                        a href="/ui/login" { "Sign in" }
                     }
                 }
                 main { (body) }
@@ -108,6 +118,90 @@ fn page(title: &str, body: Markup) -> Response {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
+    response
+}
+
+/// The caller of a page: as for the API, except that a page asked for without a token (or with
+/// one no longer accepted) redirects to the sign-in form instead of answering JSON.
+struct UiCaller(Caller);
+
+impl FromRequestParts<AppState> for UiCaller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        match Caller::from_request_parts(parts, state).await {
+            Ok(caller) => Ok(Self(caller)),
+            Err(error) if error.code() == ErrorCode::Unauthorized => {
+                Err(Redirect::to("/ui/login").into_response())
+            }
+            Err(error) => Err(error.into_response()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct SignIn {
+    token: String,
+}
+
+fn login_form(state: &AppState, status: StatusCode, message: Option<&str>) -> Response {
+    let auth_on = state.auth.is_some();
+    let mut response = page(
+        "sign in",
+        html! {
+            h1 { "Sign in" }
+            @if !auth_on {
+                p.note { "This server runs without auth: every page is open, no token needed." }
+                p { a href="/" { "Streams" } }
+            } @else {
+                @if let Some(message) = message { p.error { (message) } }
+                p.note {
+                    "Give a bearer token of this server. The browser keeps it in an HttpOnly cookie "
+                    "for this session; it lets pages and the live tail read, and never writes."
+                }
+                form.login method="post" action="/ui/login" {
+                    label { "token " input type="password" name="token" autocomplete="current-password" required; }
+                    button type="submit" { "Sign in" }
+                }
+                form.logout method="post" action="/ui/logout" {
+                    button type="submit" { "Sign out" }
+                }
+            }
+        },
+    );
+    *response.status_mut() = status;
+    response
+}
+
+async fn login_page(State(state): State<AppState>) -> Response {
+    login_form(&state, StatusCode::OK, None)
+}
+
+async fn sign_in(State(state): State<AppState>, Form(form): Form<SignIn>) -> Response {
+    let Some(config) = &state.auth else {
+        return Redirect::to("/").into_response();
+    };
+    let token = form.token.trim();
+    if config.grant(token).is_none() {
+        return login_form(&state, StatusCode::UNAUTHORIZED, Some("Unknown token."));
+    }
+    let cookie = auth::sign_in_cookie(token, state.options.tls.is_some());
+    match HeaderValue::from_str(&cookie) {
+        Ok(cookie) => {
+            let mut response = Redirect::to("/").into_response();
+            response.headers_mut().insert(header::SET_COOKIE, cookie);
+            response
+        }
+        // base64url and fixed attributes: always a valid header value.
+        Err(_) => error_page(StatusCode::INTERNAL_SERVER_ERROR, "cannot set the cookie"),
+    }
+}
+
+async fn sign_out(State(state): State<AppState>) -> Response {
+    let mut response = Redirect::to("/ui/login").into_response();
+    if let Ok(cookie) = HeaderValue::from_str(&auth::sign_out_cookie(state.options.tls.is_some())) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
     response
 }
 
@@ -227,7 +321,7 @@ async fn recent_streams(
 
 async fn home(
     State(state): State<AppState>,
-    caller: Caller,
+    UiCaller(caller): UiCaller,
     Query(query): Query<HomeQuery>,
 ) -> Response {
     let prefix = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
@@ -288,7 +382,7 @@ struct PageQuery {
 
 async fn stream_page(
     State(state): State<AppState>,
-    caller: Caller,
+    UiCaller(caller): UiCaller,
     Path(stream): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Response {
@@ -344,7 +438,7 @@ async fn stream_page(
 
 async fn all_page(
     State(state): State<AppState>,
-    caller: Caller,
+    UiCaller(caller): UiCaller,
     Query(query): Query<PageQuery>,
 ) -> Response {
     let mut filter = EventFilter::all();
@@ -416,7 +510,7 @@ struct TailQuery {
     limit: Option<u32>,
 }
 
-async fn tail_page(caller: Caller, Query(query): Query<TailQuery>) -> Response {
+async fn tail_page(UiCaller(caller): UiCaller, Query(query): Query<TailQuery>) -> Response {
     let stream = match query.stream.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(text) => match StreamId::new(text) {

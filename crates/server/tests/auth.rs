@@ -240,3 +240,128 @@ async fn grants_follow_stream_prefixes() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_browser_signs_in_with_a_cookie_that_reads_but_never_writes() {
+    let server = server().await;
+    let (status, _) = server
+        .append("order-1", None, event("OrderPlaced", json!({})))
+        .await;
+    assert_eq!(status, 401, "the plain client sends no token");
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let written = server
+        .client
+        .post(server.url("/streams/order-1"))
+        .bearer_auth(WRITER)
+        .json(&event("OrderPlaced", json!({"total": 1})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 201);
+
+    // A page without a token sends the browser to the sign-in form.
+    let home = browser.get(server.url("/")).send().await.unwrap();
+    assert_eq!(home.status(), 303);
+    assert_eq!(home.headers()["location"], "/ui/login");
+    let form = browser.get(server.url("/ui/login")).send().await.unwrap();
+    assert_eq!(form.status(), 200);
+    assert!(form.text().await.unwrap().contains(r#"name="token""#));
+
+    // A wrong token is refused on the form; the right one sets the cookie.
+    let wrong = browser
+        .post(server.url("/ui/login"))
+        .form(&[("token", "not-a-token-of-this-server")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    let signed_in = browser
+        .post(server.url("/ui/login"))
+        .form(&[("token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for attribute in ["factline_token=", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    assert!(
+        !cookie.contains(ADMIN),
+        "the cookie holds the token encoded: {cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+
+    // The cookie reads: pages, the API's GETs, and the SSE the live tail opens.
+    let home = browser
+        .get(server.url("/"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(home.status(), 200);
+    assert!(home.text().await.unwrap().contains("order-1"));
+    let read = browser
+        .get(server.url("/streams/order-1"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let tail = browser
+        .get(server.url("/all/subscribe?from=start"))
+        .header("cookie", format!("theme=dark; {pair}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.status(), 200);
+    drop(tail);
+
+    // It never writes, even for an admin token: a write needs the Authorization header.
+    let (status, code) = status_and_code(
+        browser
+            .post(server.url("/streams/order-1"))
+            .header("cookie", &pair)
+            .json(&event("OrderShipped", json!({}))),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (401, "unauthorized"));
+    let (status, _) = status_and_code(
+        browser
+            .delete(server.url("/streams/order-1"))
+            .header("cookie", &pair),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // A cookie whose token is not configured (any more) is refused, and pages send the
+    // browser back to the form.
+    let stale = browser
+        .get(server.url("/"))
+        .header(
+            "cookie",
+            "factline_token=bm90LWEtdG9rZW4tb2YtdGhpcy1zZXJ2ZXI",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 303);
+
+    // Signing out clears the cookie.
+    let out = browser
+        .post(server.url("/ui/logout"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    let cleared = out.headers()["set-cookie"].to_str().unwrap();
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+}
