@@ -14,6 +14,7 @@ mod messaging;
 mod report;
 mod runner;
 mod systems;
+mod w10;
 mod workloads;
 
 pub use config::{
@@ -26,3 +27,4 @@ pub use report::{
 };
 pub use runner::run;
 pub use systems::open_factline_log;
+pub use w10::{W10Options, W10Round, median_w10, run_w10};
