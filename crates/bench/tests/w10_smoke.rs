@@ -20,8 +20,14 @@ fn wrk_appends_are_all_answered_and_stored() -> anyhow::Result<()> {
     let rounds = runtime.block_on(run_w10(&options, dir.path()))?;
     assert_eq!(rounds.len(), 1);
     let round = &rounds[0];
-    assert!(round.requests > 0 && round.requests_per_sec > 0.0, "{round:?}");
+    assert!(
+        round.requests > 0 && round.requests_per_sec > 0.0,
+        "{round:?}"
+    );
     assert!(round.events_stored >= round.requests, "{round:?}");
-    assert!(round.p50_us > 0.0 && round.p50_us <= round.p99_us, "{round:?}");
+    assert!(
+        round.p50_us > 0.0 && round.p50_us <= round.p99_us,
+        "{round:?}"
+    );
     Ok(())
 }

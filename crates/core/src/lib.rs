@@ -4,6 +4,8 @@
 //!   [`RecordedEvent`], [`Metadata`]: the vocabulary of `shared/DESIGN.md`.
 //! - [`EventStore`] and [`SnapshotStore`]: the traits every backend implements.
 //! - [`InMemoryStore`]: the reference backend.
+//! - [`CheckpointStore`] (and [`InMemoryCheckpointStore`]): where projections and subscribers
+//!   resume.
 //! - [`rules`]: the append rules as pure functions, shared by backends.
 //! - [`testkit`] (feature `testkit`): the conformance suite and the reference model.
 //!
@@ -23,6 +25,7 @@
 //! # }).unwrap();
 //! ```
 
+mod checkpoint;
 mod error;
 mod event;
 mod ids;
@@ -35,6 +38,10 @@ mod subscription;
 pub mod testkit;
 mod version;
 
+pub use checkpoint::{
+    CHECKPOINT_NAME_BYTES_MAX, CheckpointError, CheckpointStore, InMemoryCheckpointStore,
+    check_checkpoint_name,
+};
 pub use error::{
     AppendError, DeleteError, MetadataError, ReadAllError, ReadStreamError, SnapshotError,
     StorageError, SubscribeError, SubscriptionError,

@@ -22,17 +22,20 @@
 //! # Ok(()) }
 //! ```
 
+mod checkpoints;
 pub mod faulty;
 pub mod format;
 mod index;
 mod reader;
 mod recovery;
+mod small_file;
 mod snapshots;
 pub mod storage;
 mod store;
 mod verify;
 mod writer;
 
+pub use checkpoints::LogCheckpointStore;
 pub use recovery::{OpenError, Repair};
 pub use storage::{DiskStorage, Storage, StorageFile};
 pub use store::{LogOptions, LogStats, LogStore, OpenReport};

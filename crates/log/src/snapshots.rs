@@ -10,9 +10,14 @@ use factline_core::{
     Bytes, Revision, Snapshot, SnapshotError, StorageError, StreamId, Timestamp, Uuid,
 };
 
-use crate::storage::{Storage, read_exact_at, write_all_at};
+use crate::{
+    small_file::{self, ReadError},
+    storage::Storage,
+};
 
 const MAGIC: [u8; 8] = *b"FLSNAP\0\x01";
+/// Largest snapshot file read: a state of the largest event size plus the header and name.
+const SNAPSHOT_FILE_BYTES_MAX: u64 = 1 << 31;
 /// Namespace of the UUIDv5 that names a stream's snapshot file.
 const FILE_NAMESPACE: Uuid = Uuid::from_u128(0x6a0f_3c4e_2b1d_4e8a_9c7b_5d3e_1f20_a4b6);
 
@@ -43,7 +48,6 @@ pub(crate) fn save(
     snapshot: &Snapshot,
 ) -> Result<(), SnapshotError> {
     let folder = snapshots_dir(dir);
-    storage.create_dir_all(&folder).map_err(storage_error)?;
     let mut body = Vec::with_capacity(snapshot.state.len() + 300);
     body.extend_from_slice(&(stream.as_str().len() as u16).to_le_bytes());
     body.extend_from_slice(stream.as_str().as_bytes());
@@ -52,19 +56,8 @@ pub(crate) fn save(
     body.extend_from_slice(&snapshot.taken_at.as_unix_micros().to_le_bytes());
     body.extend_from_slice(&(snapshot.state.len() as u32).to_le_bytes());
     body.extend_from_slice(&snapshot.state);
-    let mut bytes = Vec::with_capacity(body.len() + 12);
-    bytes.extend_from_slice(&MAGIC);
-    bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    bytes.extend_from_slice(&body);
-    let path = file_path(dir, stream);
-    let temporary = path.with_extension("tmp");
-    let file = storage.open(&temporary, true).map_err(storage_error)?;
-    file.set_len(0).map_err(storage_error)?;
-    write_all_at(&*file, &bytes, 0).map_err(storage_error)?;
-    file.sync_data().map_err(storage_error)?;
-    storage.rename(&temporary, &path).map_err(storage_error)?;
-    storage.sync_dir(&folder).map_err(storage_error)?;
-    Ok(())
+    small_file::replace(storage, &folder, &file_path(dir, stream), &MAGIC, &body)
+        .map_err(storage_error)
 }
 
 /// Reads the snapshot of `stream`, if there is one.
@@ -74,22 +67,12 @@ pub(crate) fn load(
     stream: &StreamId,
 ) -> Result<Option<Snapshot>, SnapshotError> {
     let path = file_path(dir, stream);
-    let file = match storage.open(&path, false) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(storage_error(error)),
+    let body = match small_file::read(storage, &path, &MAGIC, SNAPSHOT_FILE_BYTES_MAX) {
+        Ok(Some(body)) => body,
+        Ok(None) => return Ok(None),
+        Err(ReadError::Io(error)) => return Err(storage_error(error)),
+        Err(ReadError::Corrupt(reason)) => return Err(corrupt(&path, reason)),
     };
-    let len = file.size_bytes().map_err(storage_error)? as usize;
-    let mut bytes = vec![0u8; len];
-    read_exact_at(&*file, &mut bytes, 0).map_err(storage_error)?;
-    if len < 12 || bytes[..8] != MAGIC {
-        return Err(corrupt(&path, "bad magic"));
-    }
-    let stored_crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    let body = &bytes[12..];
-    if crc32c::crc32c(body) != stored_crc {
-        return Err(corrupt(&path, "checksum mismatch"));
-    }
     let mut at = 0usize;
     let mut take = |n: usize| -> Result<&[u8], SnapshotError> {
         let slice = body

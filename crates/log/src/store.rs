@@ -327,6 +327,12 @@ impl LogStore {
         &self.shared.dir
     }
 
+    /// The checkpoints kept in this log's directory (`checkpoints/`), for projections and
+    /// subscribers over this log.
+    pub fn checkpoints(&self) -> crate::LogCheckpointStore {
+        crate::LogCheckpointStore::new(Arc::clone(&self.shared.storage), &self.shared.dir)
+    }
+
     /// Counters of the writer since open.
     pub fn stats(&self) -> LogStats {
         LogStats {

@@ -122,23 +122,6 @@ pub enum OpenError {
     Database(#[from] DatabaseError),
 }
 
-/// Why a checkpoint operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CheckpointError {
-    /// The name is empty, too long or holds a control character.
-    #[error("checkpoint name {name:?} must have 1..={max} bytes and no control characters")]
-    InvalidName {
-        /// The name given.
-        name: String,
-        /// The length limit in bytes.
-        max: usize,
-    },
-    /// Storage failed.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-}
-
 /// Hides the password of a connection URL for messages.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

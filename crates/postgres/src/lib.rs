@@ -12,7 +12,7 @@
 //!   batches whatever queued up while the previous transaction ran.
 //! - [`PostgresStore::append_in`] appends inside the caller's own transaction, so state changes,
 //!   events and outbox rows commit together; [`InlineProjection`]s update read models in the
-//!   append's transaction; [`CheckpointStore::save_in`] saves a checkpoint in the caller's.
+//!   append's transaction; [`PostgresCheckpointStore::save_in`] saves a checkpoint in the caller's.
 //! - The schema is versioned ([`schema::MIGRATIONS`]), applied on open or by `factline migrate`.
 //!
 //! ```no_run
@@ -44,12 +44,13 @@ mod sql;
 mod store;
 mod writer;
 
-pub use error::{CheckpointError, DatabaseError, MigrateError, OpenError, redact_url};
+pub use error::{DatabaseError, MigrateError, OpenError, redact_url};
+/// Re-exported: the checkpoint contract lives in core.
+pub use factline_core::{CHECKPOINT_NAME_BYTES_MAX, CheckpointError};
 pub use rows::CorruptRow;
 pub use schema::{SchemaName, SchemaNameError};
 pub use store::{
-    CHECKPOINT_NAME_BYTES_MAX, CheckpointStore, PostgresOptions, PostgresStore, applied_migrations,
-    migrate,
+    PostgresCheckpointStore, PostgresOptions, PostgresStore, applied_migrations, migrate,
 };
 pub use writer::WriterStats;
 

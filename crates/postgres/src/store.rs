@@ -5,12 +5,13 @@ use std::{str::FromStr as _, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 use factline_core::{
-    AllSlice, AppendError, AppendRequest, AppendResult, ChangeNotifier, DeleteError, DeleteMode,
-    Direction, EventFilter, EventStore, ExpectedVersion, Limit, LimitExceeded, Limits,
-    MetadataError, Position, ReadAllError, ReadAllOptions, ReadStreamError, ReadStreamOptions,
-    Revision, Snapshot, SnapshotError, SnapshotStore, StorageError, StreamId, StreamMetadata,
-    StreamSlice, StreamView, SubscribeError, SubscribeFrom, Subscription, Timestamp,
-    check_append_requests, decide_delete, follow_all, follow_stream,
+    AllSlice, AppendError, AppendRequest, AppendResult, ChangeNotifier, CheckpointError,
+    DeleteError, DeleteMode, Direction, EventFilter, EventStore, ExpectedVersion, Limit,
+    LimitExceeded, Limits, MetadataError, Position, ReadAllError, ReadAllOptions, ReadStreamError,
+    ReadStreamOptions, Revision, Snapshot, SnapshotError, SnapshotStore, StorageError, StreamId,
+    StreamMetadata, StreamSlice, StreamView, SubscribeError, SubscribeFrom, Subscription,
+    Timestamp, check_append_requests, check_checkpoint_name, decide_delete, follow_all,
+    follow_stream,
 };
 use sqlx::{
     AssertSqlSafe, Connection as _, PgConnection, PgPool,
@@ -22,7 +23,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::{
     InlineProjection,
     append::{BatchError, append_jobs},
-    error::{CheckpointError, OpenError, redact_url, storage},
+    error::{OpenError, redact_url, storage},
     rows::{
         Interner, StreamRow, decode_event, from_sql, get, metadata_columns, offset_date_time,
         timestamp, to_sql,
@@ -363,8 +364,8 @@ impl PostgresStore {
     }
 
     /// The checkpoint store of this schema.
-    pub fn checkpoints(&self) -> crate::CheckpointStore {
-        crate::CheckpointStore::new(self.inner.pool.clone(), Arc::clone(&self.inner.sql))
+    pub fn checkpoints(&self) -> PostgresCheckpointStore {
+        PostgresCheckpointStore::new(self.inner.pool.clone(), Arc::clone(&self.inner.sql))
     }
 
     fn ensure_open(&self) -> Result<(), StorageError> {
@@ -1063,31 +1064,16 @@ impl SnapshotStore for PostgresStore {
 }
 
 /// Named checkpoints (the position of the last event a projection or subscriber processed),
-/// in the store's schema. Save one with [`CheckpointStore::save_in`] in the transaction that
-/// updates a read model, and the two commit together.
+/// in the store's schema: a [`factline_core::CheckpointStore`]. Save one with
+/// [`PostgresCheckpointStore::save_in`] in the transaction that updates a read model, and the
+/// two commit together.
 #[derive(Debug, Clone)]
-pub struct CheckpointStore {
+pub struct PostgresCheckpointStore {
     pool: PgPool,
     sql: Arc<Sql>,
 }
 
-/// Longest checkpoint name, in bytes.
-pub const CHECKPOINT_NAME_BYTES_MAX: usize = 255;
-
-fn check_name(name: &str) -> Result<(), CheckpointError> {
-    if name.is_empty()
-        || name.len() > CHECKPOINT_NAME_BYTES_MAX
-        || name.chars().any(char::is_control)
-    {
-        return Err(CheckpointError::InvalidName {
-            name: name.to_owned(),
-            max: CHECKPOINT_NAME_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-impl CheckpointStore {
+impl PostgresCheckpointStore {
     pub(crate) fn new(pool: PgPool, sql: Arc<Sql>) -> Self {
         Self { pool, sql }
     }
@@ -1102,13 +1088,13 @@ impl CheckpointStore {
         self.load_in(&mut conn, name).await
     }
 
-    /// [`CheckpointStore::load`] on the caller's connection or transaction.
+    /// [`PostgresCheckpointStore::load`] on the caller's connection or transaction.
     pub async fn load_in(
         &self,
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<Option<Position>, CheckpointError> {
-        check_name(name)?;
+        check_checkpoint_name(name)?;
         let position: Option<i64> =
             sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.load_checkpoint)))
                 .bind(name)
@@ -1130,7 +1116,7 @@ impl CheckpointStore {
         self.save_in(&mut conn, name, position).await
     }
 
-    /// [`CheckpointStore::save`] on the caller's connection or transaction: it commits (or
+    /// [`PostgresCheckpointStore::save`] on the caller's connection or transaction: it commits (or
     /// rolls back) with everything else the transaction does.
     pub async fn save_in(
         &self,
@@ -1138,7 +1124,7 @@ impl CheckpointStore {
         name: &str,
         position: Position,
     ) -> Result<(), CheckpointError> {
-        check_name(name)?;
+        check_checkpoint_name(name)?;
         sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.save_checkpoint)))
             .bind(name)
             .bind(to_sql(position.value()))
@@ -1150,12 +1136,27 @@ impl CheckpointStore {
 
     /// Forgets the checkpoint of `name` (a rebuild starts from the beginning).
     pub async fn delete(&self, name: &str) -> Result<(), CheckpointError> {
-        check_name(name)?;
+        check_checkpoint_name(name)?;
         sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.delete_checkpoint)))
             .bind(name)
             .execute(&self.pool)
             .await
             .map_err(storage("deleting a checkpoint"))?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl factline_core::CheckpointStore for PostgresCheckpointStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, CheckpointError> {
+        self.load(name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), CheckpointError> {
+        self.save(name, position).await
+    }
+
+    async fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError> {
+        self.delete(name).await
     }
 }

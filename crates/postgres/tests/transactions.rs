@@ -341,6 +341,8 @@ async fn checkpoints_commit_with_the_read_model() {
             Err(CheckpointError::InvalidName { .. })
         ));
     }
+    // And the contract every checkpoint store keeps, through the core trait.
+    factline_core::testkit::checkpoint_store_conformance(&checkpoints).await;
 }
 
 /// Two stores on one schema stand for two processes: each sees the other's commits live

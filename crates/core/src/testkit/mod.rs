@@ -20,7 +20,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod cases;
+mod checkpoints;
 pub mod model;
+
+pub use checkpoints::checkpoint_store_conformance;
 
 use std::{
     future::Future,
