@@ -5,6 +5,8 @@
 //! - [`Aggregate`]: `decide(&self, command) -> events` (pure) and `evolve(&mut self, event)`.
 //! - [`Repository`]: loads an aggregate (snapshot + tail), decides, appends with the expected
 //!   version, retries on conflict when asked, and returns the recorded events.
+//! - [`Projection`] and [`ProjectionRunner`]: read models fed from `$all`, resumed from a
+//!   durable checkpoint, rebuilt by catching a fresh instance up.
 //! - [`testing::AggregateTest`]: given/when/then tests of an aggregate's rules.
 //!
 //! ```
@@ -65,6 +67,7 @@ extern crate self as factline_domain;
 
 mod aggregate;
 mod event;
+mod projection;
 mod repository;
 pub mod testing;
 
@@ -74,6 +77,7 @@ pub mod __private;
 pub use aggregate::{Aggregate, AggregateIdError, SnapshotState, stream_id_for};
 pub use event::{DecodeError, DomainEvent, EncodeError};
 pub use factline_macros::DomainEvent;
+pub use projection::{Projection, ProjectionError, ProjectionRunner, RunnerOptions, Stopped};
 pub use repository::{
     ExecuteError, ExecuteOptions, Executed, LoadError, Loaded, Repository, SnapshotPolicy,
 };

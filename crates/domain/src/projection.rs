@@ -1,0 +1,374 @@
+//! Projections: read models fed by the events of `$all`, resumable from a durable checkpoint.
+//!
+//! A [`Projection`] names itself (its checkpoint key), says which part of `$all` it reads
+//! ([`Projection::filter`]) and applies typed events one at a time, in log order. A
+//! [`ProjectionRunner`] subscribes from the projection's checkpoint (after the last event it
+//! processed, or from the start), decodes each event whose type the projection's
+//! [`DomainEvent`] knows (others are passed over, and count as processed), applies it, and saves
+//! the checkpoint every [`RunnerOptions::checkpoint_every_events`] events and when it stops.
+//! Delivery is at least once: after a crash the events since the last saved checkpoint are
+//! applied again, so a read model outside the checkpoint's transaction must apply
+//! idempotently (one in the same SQL transaction as its checkpoint is exactly once).
+//!
+//! Rebuild while the old read model keeps serving: give a fresh instance a new name (e.g.
+//! `orders-summary-v2`), [`ProjectionRunner::catch_up`] builds it from position 0 up to the
+//! head as of the call, then switch readers to it and keep it current with
+//! [`ProjectionRunner::run_until`]. Lag — how many positions the log head is ahead of the
+//! projection — is the gauge `factline_projection_lag_positions{projection}`, set at every
+//! checkpoint.
+
+use std::{future::Future, sync::Arc};
+
+use factline_core::{
+    CheckpointError, CheckpointStore, EventFilter, EventStore, Position, ReadAllError,
+    ReadAllOptions, RecordedEvent, StorageError, SubscribeError, SubscribeFrom, Subscription,
+    SubscriptionError,
+};
+use futures::FutureExt as _;
+
+use crate::{DecodeError, DomainEvent};
+
+/// A read model built from events.
+pub trait Projection: Send + 'static {
+    /// The events it reads; stored events of other types are passed over.
+    type Event: DomainEvent;
+    /// Why applying an event failed (the runner stops with it).
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The name, unique among the projections sharing a checkpoint store: the checkpoint key.
+    fn name(&self) -> &str;
+
+    /// The part of `$all` it reads (default: all of it). A narrower filter lets the store
+    /// skip what the projection would pass over.
+    fn filter(&self) -> EventFilter {
+        EventFilter::all()
+    }
+
+    /// Applies one event, recorded as `recorded` (stream, revision, position, metadata…).
+    fn apply(
+        &mut self,
+        event: Self::Event,
+        recorded: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// How a [`ProjectionRunner`] checkpoints.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RunnerOptions {
+    /// Save the checkpoint after this many processed events (at least 1). Default 1,000.
+    pub checkpoint_every_events: u64,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            checkpoint_every_events: 1_000,
+        }
+    }
+}
+
+impl RunnerOptions {
+    /// Sets [`RunnerOptions::checkpoint_every_events`] (0 counts as 1).
+    #[must_use]
+    pub fn checkpoint_every_events(mut self, events: u64) -> Self {
+        self.checkpoint_every_events = events.max(1);
+        self
+    }
+}
+
+/// Why a projection stopped before it was asked to.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError<E: std::error::Error + Send + Sync + 'static> {
+    /// The projection refused an event. The checkpoint is the event before it, so a restart
+    /// applies it again.
+    #[error("projection {projection} failed on the event at position {position}: {source}")]
+    Apply {
+        /// The projection.
+        projection: String,
+        /// The event's position.
+        position: Position,
+        /// What the projection said.
+        #[source]
+        source: E,
+    },
+    /// An event of a type the projection reads could not be decoded (add an upcaster, or fix
+    /// the event type); the checkpoint is the event before it.
+    #[error("projection {projection}: the event at position {position} does not decode: {source}")]
+    Decode {
+        /// The projection.
+        projection: String,
+        /// The event's position.
+        position: Position,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// Loading or saving the checkpoint failed.
+    #[error("projection {projection}: checkpoint: {source}")]
+    Checkpoint {
+        /// The projection.
+        projection: String,
+        /// The cause.
+        #[source]
+        source: CheckpointError,
+    },
+    /// The store failed, or the subscription ended.
+    #[error("projection {projection}: the event store: {source}")]
+    Store {
+        /// The projection.
+        projection: String,
+        /// The cause.
+        #[source]
+        source: StorageError,
+    },
+}
+
+/// A projection that stopped as asked, with where it got to.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Stopped<P> {
+    /// The projection, with its read model.
+    pub projection: P,
+    /// The position of the last event it processed (`None`: none yet, ever).
+    pub position: Option<Position>,
+}
+
+/// Feeds a [`Projection`] from an [`EventStore`], checkpointing in a [`CheckpointStore`].
+pub struct ProjectionRunner<P: Projection> {
+    projection: P,
+    store: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    options: RunnerOptions,
+}
+
+impl<P: Projection> std::fmt::Debug for ProjectionRunner<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("projection", &self.projection.name())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Progress of one run.
+struct Cursor {
+    /// Last event processed.
+    position: Option<Position>,
+    /// Last position saved.
+    saved: Option<Position>,
+    since_saved: u64,
+}
+
+impl<P: Projection> ProjectionRunner<P> {
+    /// A runner of `projection` over `store`, with its checkpoint in `checkpoints`.
+    pub fn new(
+        projection: P,
+        store: Arc<dyn EventStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> Self {
+        Self {
+            projection,
+            store,
+            checkpoints,
+            options: RunnerOptions::default(),
+        }
+    }
+
+    /// Sets how it checkpoints.
+    #[must_use]
+    pub fn options(mut self, options: RunnerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Runs until `stop` completes (then saves the checkpoint and returns the projection) or
+    /// something fails.
+    pub async fn run_until(
+        self,
+        stop: impl Future<Output = ()> + Send,
+    ) -> Result<Stopped<P>, ProjectionError<P::Error>> {
+        self.run(None, stop).await
+    }
+
+    /// Runs from the checkpoint until the projection has processed everything committed when
+    /// this is called (the head position then), saves the checkpoint and returns — a rebuild
+    /// of a fresh instance, or a catch-up before serving.
+    pub async fn catch_up(self) -> Result<Stopped<P>, ProjectionError<P::Error>> {
+        match self.last_matching().await? {
+            Some(last) => self.run(Some(last), std::future::pending()).await,
+            None => {
+                let position = self.load_checkpoint().await?;
+                Ok(Stopped {
+                    projection: self.projection,
+                    position,
+                })
+            }
+        }
+    }
+
+    /// The position of the newest committed event the projection's filter lets through (the
+    /// subscription delivers no other, so a catch-up ends on it).
+    async fn last_matching(&self) -> Result<Option<Position>, ProjectionError<P::Error>> {
+        let mut options = ReadAllOptions::backwards()
+            .limit(1)
+            .filter(self.projection.filter());
+        loop {
+            let page = self
+                .store
+                .read_all(options.clone())
+                .await
+                .map_err(|error| match error {
+                    ReadAllError::Storage(source) => self.store_error(source),
+                    other => self.store_error(StorageError::backend(other)),
+                })?;
+            if let Some(event) = page.events.first() {
+                return Ok(Some(event.position));
+            }
+            if page.is_end {
+                return Ok(None);
+            }
+            // A filtered page may come back empty before the end (bounded work per read).
+            options = options.from(page.next_position);
+        }
+    }
+
+    fn store_error(&self, source: StorageError) -> ProjectionError<P::Error> {
+        ProjectionError::Store {
+            projection: self.projection.name().to_owned(),
+            source,
+        }
+    }
+
+    fn checkpoint_error(&self, source: CheckpointError) -> ProjectionError<P::Error> {
+        ProjectionError::Checkpoint {
+            projection: self.projection.name().to_owned(),
+            source,
+        }
+    }
+
+    async fn load_checkpoint(&self) -> Result<Option<Position>, ProjectionError<P::Error>> {
+        self.checkpoints
+            .load_checkpoint(self.projection.name())
+            .await
+            .map_err(|source| self.checkpoint_error(source))
+    }
+
+    async fn subscribe(
+        &self,
+        from: Option<Position>,
+    ) -> Result<Subscription, ProjectionError<P::Error>> {
+        let from = from.map_or(SubscribeFrom::Start, SubscribeFrom::After);
+        self.store
+            .subscribe_to_all(from, self.projection.filter())
+            .await
+            .map_err(|error| match error {
+                SubscribeError::Storage(source) => self.store_error(source),
+                other => self.store_error(StorageError::backend(other)),
+            })
+    }
+
+    /// Saves the cursor's position if it moved, and updates the lag gauge.
+    async fn save(&self, cursor: &mut Cursor) -> Result<(), ProjectionError<P::Error>> {
+        let Some(position) = cursor.position else {
+            return Ok(());
+        };
+        if cursor.saved != Some(position) {
+            self.checkpoints
+                .save_checkpoint(self.projection.name(), position)
+                .await
+                .map_err(|source| self.checkpoint_error(source))?;
+            cursor.saved = Some(position);
+        }
+        cursor.since_saved = 0;
+        if let Ok(Some(head)) = self.store.head_position().await {
+            metrics::gauge!(
+                "factline_projection_lag_positions",
+                "projection" => self.projection.name().to_owned()
+            )
+            .set(head.value().saturating_sub(position.value()) as f64);
+        }
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        until: Option<Position>,
+        stop: impl Future<Output = ()> + Send,
+    ) -> Result<Stopped<P>, ProjectionError<P::Error>> {
+        let start = self.load_checkpoint().await?;
+        let mut cursor = Cursor {
+            position: start,
+            saved: start,
+            since_saved: 0,
+        };
+        let reached = |cursor: &Cursor| {
+            until.is_some_and(|until| cursor.position.is_some_and(|p| p >= until))
+        };
+        if !reached(&cursor) {
+            let mut subscription = self.subscribe(start).await?;
+            let mut stop = std::pin::pin!(stop.fuse());
+            tracing::info!(projection = self.projection.name(), from = ?start, "projection started");
+            loop {
+                let next = futures::select_biased! {
+                    () = stop => break,
+                    next = subscription.next().fuse() => next,
+                };
+                let event = match next {
+                    Some(Ok(event)) => event,
+                    Some(Err(SubscriptionError::Storage(source))) => {
+                        self.save(&mut cursor).await?;
+                        return Err(self.store_error(source));
+                    }
+                    Some(Err(other)) => {
+                        self.save(&mut cursor).await?;
+                        return Err(self.store_error(StorageError::backend(other)));
+                    }
+                    None => {
+                        self.save(&mut cursor).await?;
+                        return Err(self.store_error(StorageError::Closed));
+                    }
+                };
+                if let Err(error) = self.process(&event).await {
+                    self.save(&mut cursor).await?;
+                    return Err(error);
+                }
+                cursor.position = Some(event.position);
+                cursor.since_saved += 1;
+                if reached(&cursor) {
+                    break;
+                }
+                if cursor.since_saved >= self.options.checkpoint_every_events {
+                    self.save(&mut cursor).await?;
+                }
+            }
+        }
+        self.save(&mut cursor).await?;
+        tracing::info!(projection = self.projection.name(), position = ?cursor.position, "projection stopped");
+        Ok(Stopped {
+            projection: self.projection,
+            position: cursor.position,
+        })
+    }
+
+    /// Decodes and applies one event (or passes it over).
+    async fn process(&mut self, event: &RecordedEvent) -> Result<(), ProjectionError<P::Error>> {
+        if !P::Event::event_types().contains(&event.event_type.as_str()) {
+            return Ok(());
+        }
+        let typed = P::Event::from_recorded(event).map_err(|source| ProjectionError::Decode {
+            projection: self.projection.name().to_owned(),
+            position: event.position,
+            source,
+        })?;
+        self.projection
+            .apply(typed, event)
+            .await
+            .map_err(|source| ProjectionError::Apply {
+                projection: self.projection.name().to_owned(),
+                position: event.position,
+                source,
+            })
+    }
+}
