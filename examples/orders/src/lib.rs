@@ -1,4 +1,5 @@
-//! The orders example: an [`Order`] aggregate written as a decider with factline-domain.
+//! The orders example: an [`Order`] aggregate written as a decider with factline-domain, and
+//! its read models ([`read_models`]: order summaries, customer histories, daily revenue).
 //!
 //! An order is placed with a total, paid in one or more payments, then shipped; it can be
 //! canceled until it ships. Amounts are integer cents.
@@ -12,6 +13,8 @@
 
 use factline::domain::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
+
+pub mod read_models;
 
 /// What can be asked of an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
