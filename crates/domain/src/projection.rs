@@ -50,6 +50,19 @@ pub trait Projection: Send + 'static {
         event: Self::Event,
         recorded: &RecordedEvent,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Called before the runner saves a checkpoint at `position` (the last event processed):
+    /// write out whatever `apply` batched, so that everything up to `position` is in the read
+    /// model when the checkpoint says so. A read model in SQL writes its batch and saves the
+    /// same checkpoint in one transaction here, which makes it exactly once. The default does
+    /// nothing.
+    fn flush(
+        &mut self,
+        position: Position,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = position;
+        std::future::ready(Ok(()))
+    }
 }
 
 /// How a [`ProjectionRunner`] checkpoints.
@@ -88,6 +101,18 @@ pub enum ProjectionError<E: std::error::Error + Send + Sync + 'static> {
         /// The projection.
         projection: String,
         /// The event's position.
+        position: Position,
+        /// What the projection said.
+        #[source]
+        source: E,
+    },
+    /// The projection could not write out its batch before a checkpoint; the checkpoint was
+    /// not saved, so a restart applies the batch again.
+    #[error("projection {projection} could not flush up to position {position}: {source}")]
+    Flush {
+        /// The projection.
+        projection: String,
+        /// The position of the checkpoint it was to reach.
         position: Position,
         /// What the projection said.
         #[source]
@@ -269,12 +294,21 @@ impl<P: Projection> ProjectionRunner<P> {
             })
     }
 
-    /// Saves the cursor's position if it moved, and updates the lag gauge.
-    async fn save(&self, cursor: &mut Cursor) -> Result<(), ProjectionError<P::Error>> {
+    /// Flushes the projection and saves the cursor's position if it moved, and updates the
+    /// lag gauge.
+    async fn save(&mut self, cursor: &mut Cursor) -> Result<(), ProjectionError<P::Error>> {
         let Some(position) = cursor.position else {
             return Ok(());
         };
         if cursor.saved != Some(position) {
+            self.projection
+                .flush(position)
+                .await
+                .map_err(|source| ProjectionError::Flush {
+                    projection: self.projection.name().to_owned(),
+                    position,
+                    source,
+                })?;
             self.checkpoints
                 .save_checkpoint(self.projection.name(), position)
                 .await

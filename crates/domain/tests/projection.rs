@@ -34,6 +34,7 @@ struct Totals {
     seen: Arc<Mutex<Vec<(String, u64)>>>,
     refuse_13: bool,
     filter: EventFilter,
+    flushes: Arc<Mutex<Vec<Position>>>,
 }
 
 impl Totals {
@@ -43,6 +44,7 @@ impl Totals {
             seen: Arc::default(),
             refuse_13: false,
             filter: EventFilter::all(),
+            flushes: Arc::default(),
         }
     }
 
@@ -73,6 +75,11 @@ impl Projection for Totals {
                 .unwrap()
                 .push((recorded.stream.to_string(), total));
         }
+        Ok(())
+    }
+
+    async fn flush(&mut self, position: Position) -> Result<(), Unlucky> {
+        self.flushes.lock().unwrap().push(position);
         Ok(())
     }
 }
@@ -250,13 +257,18 @@ async fn checkpoints_are_saved_every_n_events_and_at_the_end() {
     let counting = Arc::new(CountingCheckpoints::default());
     let checkpoints: Arc<dyn CheckpointStore> = Arc::clone(&counting) as Arc<dyn CheckpointStore>;
     append(&store, "order-1", (0..5).map(placed).collect()).await;
-    runner(Totals::new("cadence"), &store, &checkpoints)
+    let done = runner(Totals::new("cadence"), &store, &checkpoints)
         .options(RunnerOptions::default().checkpoint_every_events(2))
         .catch_up()
         .await
         .unwrap();
-    // After the 2nd and 4th events, and the 5th at the end.
+    // After the 2nd and 4th events, and the 5th at the end; the projection flushed first each
+    // time, up to the position then saved.
     assert_eq!(counting.saves.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        *done.projection.flushes.lock().unwrap(),
+        [Position(1), Position(3), Position(4)]
+    );
 }
 
 #[tokio::test]
