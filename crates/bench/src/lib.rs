@@ -10,16 +10,19 @@
 //! The binary (`src/main.rs`) only parses the command line and prints; [`run`] is the harness.
 
 mod config;
+mod files;
 mod messaging;
 mod report;
 mod runner;
 mod systems;
 mod w10;
+mod w9;
 mod workloads;
 
 pub use config::{
     Cell, Cli, Config, DEFAULT_POSTGRES_URL, Profile, Sizes, SystemKind, WorkloadKind,
 };
+pub use files::RunFiles;
 pub use messaging::{W7Options, W7Row, W7System, render_w7, run_w7};
 pub use report::{
     CellReport, CellStatus, Ratio, Report, Row, format_ratios, format_table, group_thousands,
@@ -27,4 +30,5 @@ pub use report::{
 };
 pub use runner::run;
 pub use systems::open_factline_log;
+pub use w9::{W9Event, W9Options, W9Row, render_w9, run_w9};
 pub use w10::{W10Options, W10Round, median_w10, run_w10};

@@ -5,7 +5,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use factline_bench::{W10Options, median_w10, run_w10};
+use factline_bench::{RunFiles, W10Options, median_w10, run_w10};
 
 /// W10: HTTP appends of single events from wrk, every answer checked against the log.
 #[derive(Debug, Parser)]
@@ -26,12 +26,8 @@ struct Cli {
     /// The wrk binary.
     #[arg(long, default_value = "wrk")]
     wrk: String,
-    /// Directory for the rounds' data directories (default: the system temp dir).
-    #[arg(long)]
-    data_dir: Option<std::path::PathBuf>,
-    /// Also write the rounds as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
-    json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    files: RunFiles,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         options.connections = connections as usize;
     }
     options.wrk = cli.wrk;
-    let root = cli.data_dir.unwrap_or_else(std::env::temp_dir);
+    let root = cli.files.data_root();
     // The server's runtime, as `factline serve` builds it (one worker per core).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -74,9 +70,6 @@ fn main() -> anyhow::Result<()> {
         median.requests,
         median.events_stored
     );
-    if let Some(path) = &cli.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rounds)? + "\n")
-            .with_context(|| format!("write {}", path.display()))?;
-    }
+    cli.files.write_json(&rounds)?;
     Ok(())
 }
