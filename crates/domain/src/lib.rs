@@ -79,5 +79,5 @@ pub use event::{DecodeError, DomainEvent, EncodeError};
 pub use factline_macros::DomainEvent;
 pub use projection::{Projection, ProjectionError, ProjectionRunner, RunnerOptions, Stopped};
 pub use repository::{
-    ExecuteError, ExecuteOptions, Executed, LoadError, Loaded, Repository, SnapshotPolicy,
+    AsOf, ExecuteError, ExecuteOptions, Executed, LoadError, Loaded, Repository, SnapshotPolicy,
 };

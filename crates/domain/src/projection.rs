@@ -13,7 +13,8 @@
 //! Rebuild while the old read model keeps serving: give a fresh instance a new name (e.g.
 //! `orders-summary-v2`), [`ProjectionRunner::catch_up`] builds it from position 0 up to the
 //! head as of the call, then switch readers to it and keep it current with
-//! [`ProjectionRunner::run_until`]. Lag — how many positions the log head is ahead of the
+//! [`ProjectionRunner::run_until`]. Time travel: [`ProjectionRunner::replay_to`] feeds a
+//! fresh instance up to a position, without touching any stored checkpoint. Lag — how many positions the log head is ahead of the
 //! projection — is the gauge `factline_projection_lag_positions{projection}`, set at every
 //! checkpoint.
 
@@ -221,7 +222,7 @@ impl<P: Projection> ProjectionRunner<P> {
     /// this is called (the head position then), saves the checkpoint and returns — a rebuild
     /// of a fresh instance, or a catch-up before serving.
     pub async fn catch_up(self) -> Result<Stopped<P>, ProjectionError<P::Error>> {
-        match self.last_matching().await? {
+        match self.last_matching(None).await? {
             Some(last) => self.run(Some(last), std::future::pending()).await,
             None => {
                 let position = self.load_checkpoint().await?;
@@ -233,12 +234,19 @@ impl<P: Projection> ProjectionRunner<P> {
         }
     }
 
-    /// The position of the newest committed event the projection's filter lets through (the
-    /// subscription delivers no other, so a catch-up ends on it).
-    async fn last_matching(&self) -> Result<Option<Position>, ProjectionError<P::Error>> {
+    /// The position of the newest committed event the projection's filter lets through, at or
+    /// before `at_most` when given (the subscription delivers no other, so a catch-up ends on
+    /// it).
+    async fn last_matching(
+        &self,
+        at_most: Option<Position>,
+    ) -> Result<Option<Position>, ProjectionError<P::Error>> {
         let mut options = ReadAllOptions::backwards()
             .limit(1)
             .filter(self.projection.filter());
+        if let Some(position) = at_most {
+            options = options.from(position);
+        }
         loop {
             let page = self
                 .store
@@ -256,6 +264,28 @@ impl<P: Projection> ProjectionRunner<P> {
             }
             // A filtered page may come back empty before the end (bounded work per read).
             options = options.from(page.next_position);
+        }
+    }
+
+    /// Time travel: `projection` (a fresh instance) fed every event of its filter up to and
+    /// including `position`, from the start, with a checkpoint kept in memory only (no stored
+    /// checkpoint is read or written) — the read model as it was at `position`.
+    pub async fn replay_to(
+        projection: P,
+        store: Arc<dyn EventStore>,
+        position: Position,
+    ) -> Result<P, ProjectionError<P::Error>> {
+        let runner = Self::new(
+            projection,
+            store,
+            Arc::new(factline_core::InMemoryCheckpointStore::new()),
+        );
+        match runner.last_matching(Some(position)).await? {
+            Some(last) => Ok(runner
+                .run(Some(last), std::future::pending())
+                .await?
+                .projection),
+            None => Ok(runner.projection),
         }
     }
 

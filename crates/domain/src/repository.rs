@@ -188,6 +188,16 @@ impl<A: Default> Loaded<A> {
     }
 }
 
+/// A point in an aggregate's history, for [`Repository::load_as_of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AsOf {
+    /// Up to and including the event at this revision.
+    Revision(Revision),
+    /// Every event recorded at or before this time.
+    Time(Timestamp),
+}
+
 /// What [`Repository::execute`] did.
 #[non_exhaustive]
 pub struct Executed<A: Aggregate> {
@@ -313,6 +323,17 @@ impl<A: Aggregate> Repository<A> {
         self.load_stream(&stream).await
     }
 
+    /// Time travel: aggregate `id` as it was at `as_of` — its events up to a revision, or up to
+    /// a recorded time — folded from the first event (snapshots are not used: they hold the
+    /// newest state). A point before the first event gives the default state, version `None`.
+    pub async fn load_as_of(&self, id: &str, as_of: AsOf) -> Result<Loaded<A>, LoadError> {
+        let stream = stream_id_for::<A>(id)?;
+        let mut loaded = Loaded::fresh();
+        self.catch_up_until(&stream, &mut loaded, Some(as_of))
+            .await?;
+        Ok(loaded)
+    }
+
     /// Runs `command` against aggregate `id`: loads it, decides, and appends the events with the
     /// loaded version as the expected version. When the decision has no events, nothing is
     /// appended. After a concurrent write the aggregate is brought up to date and the command
@@ -412,6 +433,16 @@ impl<A: Aggregate> Repository<A> {
 
     /// Folds the events after `loaded.version` into `loaded`, page by page.
     async fn catch_up(&self, stream: &StreamId, loaded: &mut Loaded<A>) -> Result<(), LoadError> {
+        self.catch_up_until(stream, loaded, None).await
+    }
+
+    /// [`Repository::catch_up`], stopping before the first event past `until`.
+    async fn catch_up_until(
+        &self,
+        stream: &StreamId,
+        loaded: &mut Loaded<A>,
+        until: Option<AsOf>,
+    ) -> Result<(), LoadError> {
         let page_events = self
             .events
             .limits()
@@ -435,6 +466,14 @@ impl<A: Aggregate> Repository<A> {
                 }
             };
             for recorded in &slice.events {
+                let past = match until {
+                    None => false,
+                    Some(AsOf::Revision(last)) => recorded.revision > last,
+                    Some(AsOf::Time(last)) => recorded.recorded_at > last,
+                };
+                if past {
+                    return Ok(());
+                }
                 let event =
                     A::Event::from_recorded(recorded).map_err(|source| LoadError::Decode {
                         stream: stream.clone(),

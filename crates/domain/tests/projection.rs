@@ -320,3 +320,42 @@ async fn an_event_of_a_known_type_that_does_not_decode_stops_with_its_position()
         Some(Position(0))
     );
 }
+
+#[tokio::test]
+async fn replay_to_gives_the_read_model_as_of_a_position_without_touching_checkpoints() {
+    let store = Arc::new(InMemoryStore::new());
+    let checkpoints: Arc<dyn CheckpointStore> = Arc::new(InMemoryCheckpointStore::new());
+    append(&store, "order-1", vec![placed(1), placed(2)]).await;
+    append(&store, "order-2", vec![placed(3)]).await;
+    checkpoints
+        .save_checkpoint("totals", Position(2))
+        .await
+        .unwrap();
+    let events: Arc<dyn EventStore> = Arc::clone(&store) as Arc<dyn EventStore>;
+
+    let at_one =
+        ProjectionRunner::replay_to(Totals::new("totals"), Arc::clone(&events), Position(1))
+            .await
+            .unwrap();
+    assert_eq!(
+        at_one.seen(),
+        [("order-1".to_owned(), 1), ("order-1".to_owned(), 2)]
+    );
+    let everything =
+        ProjectionRunner::replay_to(Totals::new("totals"), Arc::clone(&events), Position(99))
+            .await
+            .unwrap();
+    assert_eq!(everything.seen().len(), 3);
+    // With a filter, up to the last match at or before the position.
+    let mut second_only = Totals::new("second");
+    second_only.filter = EventFilter::all().stream_prefix("order-2");
+    let before_it = ProjectionRunner::replay_to(second_only, Arc::clone(&events), Position(1))
+        .await
+        .unwrap();
+    assert!(before_it.seen().is_empty());
+    assert_eq!(
+        checkpoints.load_checkpoint("totals").await.unwrap(),
+        Some(Position(2)),
+        "no stored checkpoint was touched"
+    );
+}

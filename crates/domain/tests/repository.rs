@@ -675,3 +675,56 @@ async fn a_failing_snapshot_store_never_fails_a_command() {
     let loaded = repository.load("a1").await.unwrap();
     assert_eq!(loaded.events_replayed, 2);
 }
+
+#[tokio::test]
+async fn time_travel_loads_an_aggregate_as_of_a_revision_or_a_time() {
+    use factline_domain::AsOf;
+
+    let store = InMemoryStore::new();
+    let accounts = repository_over(&store);
+    // Apart in time, so that each event has its own recorded time (microseconds).
+    for command in [open("ada"), deposit(100), deposit(50)] {
+        accounts
+            .execute("tt", command, ExecuteOptions::new())
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let stream = stream_id_for::<Account>("tt").unwrap();
+    let recorded = store
+        .read_stream(&stream, ReadStreamOptions::forwards())
+        .await
+        .unwrap()
+        .events;
+
+    let at_one = accounts
+        .load_as_of("tt", AsOf::Revision(Revision(1)))
+        .await
+        .unwrap();
+    assert_eq!(at_one.state.balance_cents, 100);
+    assert_eq!(at_one.version, Some(Revision(1)));
+    assert_eq!(at_one.events_replayed, 2);
+    let at_first = accounts
+        .load_as_of("tt", AsOf::Revision(Revision(0)))
+        .await
+        .unwrap();
+    assert_eq!(at_first.state.balance_cents, 0);
+    assert_eq!(at_first.version, Some(Revision(0)));
+    let beyond = accounts
+        .load_as_of("tt", AsOf::Revision(Revision(99)))
+        .await
+        .unwrap();
+    assert_eq!(beyond.state.balance_cents, 150);
+
+    // By recorded time: inclusive of an event recorded exactly then.
+    let when = recorded[1].recorded_at;
+    let at_time = accounts.load_as_of("tt", AsOf::Time(when)).await.unwrap();
+    assert_eq!(at_time.version, Some(Revision(1)));
+    assert_eq!(at_time.state.balance_cents, 100);
+    let before = Timestamp::from_unix_micros(recorded[0].recorded_at.as_unix_micros() - 1);
+    let nothing = accounts.load_as_of("tt", AsOf::Time(before)).await.unwrap();
+    assert_eq!(nothing.version, None);
+    assert_eq!(nothing.state.balance_cents, 0);
+    // The present is untouched.
+    assert_eq!(accounts.load("tt").await.unwrap().state.balance_cents, 150);
+}
