@@ -43,6 +43,14 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
 
     /// Decodes a stored event, reading its schema version from the metadata (1 when absent).
     fn from_recorded(event: &RecordedEvent) -> Result<Self, DecodeError> {
+        let (schema_version, data) = stored_parts(event)?;
+        Self::decode(&event.event_type, schema_version, data)
+    }
+}
+
+/// The schema version (from the metadata, 1 when absent) and the JSON data of a stored event.
+pub(crate) fn stored_parts(event: &RecordedEvent) -> Result<(u32, Value), DecodeError> {
+    {
         if event.content_type != ContentType::Json {
             return Err(DecodeError::NotJson {
                 event_type: event.event_type.to_string(),
@@ -63,7 +71,7 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
                 event_type: event.event_type.to_string(),
                 message: error.to_string(),
             })?;
-        Self::decode(&event.event_type, schema_version, data)
+        Ok((schema_version, data))
     }
 }
 
@@ -143,6 +151,16 @@ pub enum DecodeError {
         /// The stored content type.
         content_type: &'static str,
     },
+    /// An upcaster refused the stored data, or upcasters went round in a loop.
+    #[error("event {event_type} at schema version {schema_version} cannot be upcast: {reason}")]
+    Upcast {
+        /// The event type the failing step was given.
+        event_type: String,
+        /// Its schema version.
+        schema_version: u32,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl DecodeError {
@@ -153,7 +171,8 @@ impl DecodeError {
             | Self::MalformedData { event_type, .. }
             | Self::UnsupportedSchemaVersion { event_type, .. }
             | Self::InvalidSchemaVersion { event_type, .. }
-            | Self::NotJson { event_type, .. } => event_type,
+            | Self::NotJson { event_type, .. }
+            | Self::Upcast { event_type, .. } => event_type,
         }
     }
 }

@@ -7,6 +7,8 @@
 //!   version, retries on conflict when asked, and returns the recorded events.
 //! - [`Projection`] and [`ProjectionRunner`]: read models fed from `$all`, resumed from a
 //!   durable checkpoint, rebuilt by catching a fresh instance up.
+//! - [`Upcasters`] and [`check_stored_events`]: older stored events read in the current shape,
+//!   and a check that a changed event schema still reads every stored event.
 //! - [`testing::AggregateTest`]: given/when/then tests of an aggregate's rules.
 //!
 //! ```
@@ -70,6 +72,7 @@ mod event;
 mod projection;
 mod repository;
 pub mod testing;
+mod upcast;
 
 #[doc(hidden)]
 pub mod __private;
@@ -80,4 +83,8 @@ pub use factline_macros::DomainEvent;
 pub use projection::{Projection, ProjectionError, ProjectionRunner, RunnerOptions, Stopped};
 pub use repository::{
     AsOf, ExecuteError, ExecuteOptions, Executed, LoadError, Loaded, Repository, SnapshotPolicy,
+};
+pub use upcast::{
+    SchemaProblem, SchemaProblemKind, SchemaReport, UPCAST_STEPS_MAX, Upcasters,
+    check_stored_events,
 };

@@ -27,7 +27,7 @@ use factline_core::{
 };
 use futures::FutureExt as _;
 
-use crate::{DecodeError, DomainEvent};
+use crate::{DecodeError, DomainEvent, Upcasters};
 
 /// A read model built from events.
 pub trait Projection: Send + 'static {
@@ -167,6 +167,7 @@ pub struct ProjectionRunner<P: Projection> {
     store: Arc<dyn EventStore>,
     checkpoints: Arc<dyn CheckpointStore>,
     options: RunnerOptions,
+    upcasters: Upcasters,
 }
 
 impl<P: Projection> std::fmt::Debug for ProjectionRunner<P> {
@@ -199,7 +200,16 @@ impl<P: Projection> ProjectionRunner<P> {
             store,
             checkpoints,
             options: RunnerOptions::default(),
+            upcasters: Upcasters::new(),
         }
+    }
+
+    /// Reads stored events through `upcasters` (older schema versions into the current one;
+    /// renamed types are read too).
+    #[must_use]
+    pub fn upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
     }
 
     /// Sets how it checkpoints.
@@ -418,14 +428,26 @@ impl<P: Projection> ProjectionRunner<P> {
 
     /// Decodes and applies one event (or passes it over).
     async fn process(&mut self, event: &RecordedEvent) -> Result<(), ProjectionError<P::Error>> {
-        if !P::Event::event_types().contains(&event.event_type.as_str()) {
+        if !self.upcasters.is_for::<P::Event>(event) {
             return Ok(());
         }
-        let typed = P::Event::from_recorded(event).map_err(|source| ProjectionError::Decode {
-            projection: self.projection.name().to_owned(),
-            position: event.position,
-            source,
-        })?;
+        let typed = match self.upcasters.decode::<P::Event>(event) {
+            Ok(typed) => typed,
+            // A type only an upcaster reads, upcast into a type this projection does not
+            // decode: not for it.
+            Err(DecodeError::UnknownEventType { .. })
+                if !P::Event::event_types().contains(&event.event_type.as_str()) =>
+            {
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(ProjectionError::Decode {
+                    projection: self.projection.name().to_owned(),
+                    position: event.position,
+                    source,
+                });
+            }
+        };
         self.projection
             .apply(typed, event)
             .await

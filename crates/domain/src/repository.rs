@@ -10,7 +10,7 @@ use factline_core::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    Aggregate, AggregateIdError, DecodeError, DomainEvent, EncodeError, SnapshotState,
+    Aggregate, AggregateIdError, DecodeError, DomainEvent, EncodeError, SnapshotState, Upcasters,
     stream_id_for,
 };
 
@@ -26,6 +26,7 @@ const READ_PAGE_EVENTS_MAX: usize = 1_000;
 pub struct Repository<A: Aggregate> {
     events: Arc<dyn EventStore>,
     snapshots: Option<Snapshots<A>>,
+    upcasters: Upcasters,
 }
 
 /// Snapshot support, with the serde bound of `A` erased into function pointers.
@@ -62,6 +63,7 @@ impl<A: Aggregate> Clone for Repository<A> {
         Self {
             events: Arc::clone(&self.events),
             snapshots: self.snapshots.clone(),
+            upcasters: self.upcasters.clone(),
         }
     }
 }
@@ -308,7 +310,15 @@ impl<A: Aggregate> Repository<A> {
         Self {
             events: store,
             snapshots: None,
+            upcasters: Upcasters::new(),
         }
+    }
+
+    /// Reads stored events through `upcasters` (older schema versions into the current one).
+    #[must_use]
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
     }
 
     /// The event store.
@@ -474,8 +484,10 @@ impl<A: Aggregate> Repository<A> {
                 if past {
                     return Ok(());
                 }
-                let event =
-                    A::Event::from_recorded(recorded).map_err(|source| LoadError::Decode {
+                let event = self
+                    .upcasters
+                    .decode::<A::Event>(recorded)
+                    .map_err(|source| LoadError::Decode {
                         stream: stream.clone(),
                         revision: recorded.revision,
                         source,
