@@ -235,19 +235,12 @@ impl EventStore for InMemoryStore {
             });
         };
         let page = options.page(first, last);
-        let mut events: Vec<_> = page
+        let events = page
             .revisions
+            .clone()
             .filter_map(|r| view.event(Revision(r)).cloned())
             .collect();
-        if page.backwards {
-            events.reverse();
-        }
-        Ok(StreamSlice {
-            events,
-            last_revision: last,
-            next_revision: page.next_revision,
-            is_end: page.is_end,
-        })
+        Ok(page.slice(events, last))
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<AllSlice, ReadAllError> {

@@ -124,6 +124,22 @@ pub struct StreamPage {
     pub backwards: bool,
 }
 
+impl StreamPage {
+    /// The slice of this page: `ascending` holds its events in revision order (they are
+    /// reversed for a backwards read); `last_revision` is the stream's last revision.
+    pub fn slice(&self, mut ascending: Vec<RecordedEvent>, last_revision: Revision) -> StreamSlice {
+        if self.backwards {
+            ascending.reverse();
+        }
+        StreamSlice {
+            events: ascending,
+            last_revision,
+            next_revision: self.next_revision,
+            is_end: self.is_end,
+        }
+    }
+}
+
 impl ReadStreamOptions {
     /// The page this read covers of a stream whose visible revisions are `first..=last`.
     pub fn page(&self, first: Revision, last: Revision) -> StreamPage {

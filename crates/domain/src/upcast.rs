@@ -120,10 +120,18 @@ impl Upcasters {
         })
     }
 
+    /// The type, version and data of a stored event after every matching step.
+    fn upcast_recorded(
+        &self,
+        recorded: &RecordedEvent,
+    ) -> Result<(String, u32, Value), DecodeError> {
+        let (version, data) = stored_parts(recorded)?;
+        self.upcast(&recorded.event_type, version, data)
+    }
+
     /// Decodes a stored event as `E`, after upcasting it.
     pub fn decode<E: DomainEvent>(&self, recorded: &RecordedEvent) -> Result<E, DecodeError> {
-        let (version, data) = stored_parts(recorded)?;
-        let (event_type, version, data) = self.upcast(&recorded.event_type, version, data)?;
+        let (event_type, version, data) = self.upcast_recorded(recorded)?;
         E::decode(&event_type, version, data)
     }
 
@@ -232,9 +240,7 @@ fn check_one<E: DomainEvent>(
     recorded: &RecordedEvent,
     upcasters: &Upcasters,
 ) -> Option<SchemaProblemKind> {
-    let upcast = stored_parts(recorded)
-        .and_then(|(version, data)| upcasters.upcast(&recorded.event_type, version, data));
-    let (event_type, version, data) = match upcast {
+    let (event_type, version, data) = match upcasters.upcast_recorded(recorded) {
         Ok(parts) => parts,
         Err(error) => return Some(SchemaProblemKind::Undecodable(error)),
     };

@@ -422,16 +422,10 @@ impl EventStore for LogStore {
         self.limits().check_read_count(options.limit)?;
         let (first, last) = self.visible_range(stream)?;
         let page = options.page(first, last);
-        let mut events = self.reader().stream_events(stream, page.revisions)?;
-        if page.backwards {
-            events.reverse();
-        }
-        Ok(StreamSlice {
-            events,
-            last_revision: last,
-            next_revision: page.next_revision,
-            is_end: page.is_end,
-        })
+        let events = self
+            .reader()
+            .stream_events(stream, page.revisions.clone())?;
+        Ok(page.slice(events, last))
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<AllSlice, ReadAllError> {

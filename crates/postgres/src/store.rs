@@ -762,12 +762,8 @@ impl EventStore for PostgresStore {
         }
         let page = options.page(first, last);
         let revisions = page.revisions.clone();
-        let mut slice = StreamSlice {
-            events: Vec::new(),
-            last_revision: last,
-            next_revision: page.next_revision,
-            is_end: page.is_end,
-        };
+        // Rows come in the requested order (the backwards query sorts descending).
+        let mut slice = page.slice(Vec::new(), last);
         if revisions.is_empty() {
             return Ok(slice);
         }
