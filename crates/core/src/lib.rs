@@ -6,6 +6,8 @@
 //! - [`InMemoryStore`]: the reference backend.
 //! - [`CheckpointStore`] (and [`InMemoryCheckpointStore`]): where projections and subscribers
 //!   resume.
+//! - [`persistent`]: persistent subscriptions — competing consumers with ack, nack, retry,
+//!   parking in a dead-letter stream and replay, hosted over any [`EventStore`].
 //! - [`rules`]: the append rules as pure functions, shared by backends.
 //! - [`testkit`] (feature `testkit`): the conformance suite and the reference model.
 //!
@@ -31,6 +33,7 @@ mod event;
 mod ids;
 mod limits;
 mod memory;
+pub mod persistent;
 pub mod rules;
 mod store;
 mod subscription;

@@ -16,6 +16,8 @@ use crate::{
     Timestamp,
 };
 
+pub use super::persistent::*;
+
 use ExpectedVersion::{Any, Exact, NoStream, StreamExists};
 
 fn ids(events: &[EventData]) -> Vec<Uuid> {

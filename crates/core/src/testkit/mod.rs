@@ -22,6 +22,7 @@
 pub mod cases;
 mod checkpoints;
 pub mod model;
+mod persistent;
 
 pub use checkpoints::checkpoint_store_conformance;
 
@@ -121,6 +122,15 @@ macro_rules! event_store_conformance {
             tombstone_is_permanent,
             tombstone_of_an_unwritten_stream_blocks_it,
             snapshots_keep_the_newest,
+            persistent_group_delivers_each_event_to_one_consumer,
+            persistent_nack_retries_then_parks_past_the_limit,
+            persistent_unsettled_delivery_times_out_to_another_consumer,
+            persistent_pinned_members_keep_stream_order_across_a_leave,
+            persistent_pinned_stream_moves_only_after_its_open_delivery_settles,
+            persistent_group_resumes_after_a_restart,
+            persistent_event_parked_before_a_crash_is_not_parked_twice,
+            persistent_parked_events_replay_and_leave_the_parked_stream,
+            persistent_groups_are_managed_and_checked,
         }
     };
     // The attributes are taken one at a time: an expression may itself start with `#[…]`, so
@@ -188,7 +198,8 @@ impl SuiteReport {
     }
 }
 
-/// Runs every case against stores from `factory` and reports, without panicking.
+/// Runs every contract case (all but the `persistent_…` ones) against stores from `factory`
+/// and reports, without panicking.
 pub fn run_suite<S, F, Fut>(factory: F) -> SuiteReport
 where
     S: TestStore,
@@ -196,7 +207,12 @@ where
     Fut: Future<Output = S>,
 {
     let mut report = SuiteReport::default();
-    for (name, case) in all_cases::<S>() {
+    // The persistent-subscription cases build on the contract rather than state it; against
+    // a broken store they mostly wait out their delivery timeouts.
+    let contract_cases = all_cases::<S>()
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("persistent_"));
+    for (name, case) in contract_cases {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_case(factory(), case)));
         match outcome {
             Ok(()) => report.passed.push(name),
