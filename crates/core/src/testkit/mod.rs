@@ -156,6 +156,16 @@ pub fn all_cases<S: TestStore>() -> Vec<NamedCase<S>> {
     crate::event_store_conformance!(@list @table)
 }
 
+/// The cases that state the store contract itself: all but the `persistent_…` ones, which
+/// build on the contract rather than state it (against a broken store they mostly wait out
+/// their delivery timeouts). [`run_suite`] runs these.
+pub fn contract_cases<S: TestStore>() -> Vec<NamedCase<S>> {
+    all_cases::<S>()
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("persistent_"))
+        .collect()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -198,7 +208,7 @@ impl SuiteReport {
     }
 }
 
-/// Runs every contract case (all but the `persistent_…` ones) against stores from `factory`
+/// Runs every [`contract_cases`] case against stores from `factory`
 /// and reports, without panicking.
 pub fn run_suite<S, F, Fut>(factory: F) -> SuiteReport
 where
@@ -207,12 +217,7 @@ where
     Fut: Future<Output = S>,
 {
     let mut report = SuiteReport::default();
-    // The persistent-subscription cases build on the contract rather than state it; against
-    // a broken store they mostly wait out their delivery timeouts.
-    let contract_cases = all_cases::<S>()
-        .into_iter()
-        .filter(|(name, _)| !name.starts_with("persistent_"));
-    for (name, case) in contract_cases {
+    for (name, case) in contract_cases::<S>() {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_case(factory(), case)));
         match outcome {
             Ok(()) => report.passed.push(name),
