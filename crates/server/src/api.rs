@@ -56,11 +56,12 @@ const LAST_EVENT_ID: &str = "last-event-id";
             when the store refuses writes). See docs/design/http-api.md."
     ),
     modifiers(&BearerAuth),
-    components(schemas(ErrorBody, ErrorCode, NewEvent, EventJson)),
+    components(schemas(ErrorBody, ErrorCode, NewEvent, EventJson, crate::persistent::DeliveryJson)),
     tags(
         (name = "streams", description = "Append to and read streams"),
         (name = "all", description = "The global log ($all)"),
         (name = "subscriptions", description = "Live subscriptions over Server-Sent Events"),
+        (name = "persistent", description = "Persistent subscriptions: competing consumers with ack, nack, retries, parking and replay"),
         (name = "snapshots", description = "One snapshot per stream, kept apart from the events"),
         (name = "operations", description = "Health, metrics and this document"),
     )
@@ -89,6 +90,16 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscribe_all))
         .routes(routes!(get_metadata, put_metadata))
         .routes(routes!(get_snapshot, put_snapshot, delete_snapshot))
+        .routes(routes!(
+            crate::persistent::create_group,
+            crate::persistent::get_group,
+            crate::persistent::delete_group
+        ))
+        .routes(routes!(crate::persistent::list_groups))
+        .routes(routes!(crate::persistent::consume))
+        .routes(routes!(crate::persistent::ack))
+        .routes(routes!(crate::persistent::nack))
+        .routes(routes!(crate::persistent::replay_parked))
         .routes(routes!(info))
         .routes(routes!(health))
         .routes(routes!(metrics_text))
@@ -106,7 +117,8 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
 /// that a client (or a fuzzer) generating from the document sends what the server takes: the
 /// `{stream}` path parameter and the `Expected-Version` header of every operation (in one place,
 /// not in each handler's attribute), which of `data` and `data_base64` an event takes, and that
-/// `POST /streams/{stream}` takes one event or a non-empty array.
+/// `POST /streams/{stream}` takes one event or a non-empty array, and what each Server-Sent
+/// Event of a `text/event-stream` answer holds.
 fn document_rules(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ObjectBuilder, Type, path::ParameterIn};
     if let Some(schemas) = doc
@@ -130,7 +142,18 @@ fn document_rules(doc: &mut utoipa::openapi::OpenApi) {
     {
         body.schema = Some(crate::json::events_body_schema().into());
     }
-    for item in doc.paths.paths.values_mut() {
+    for (path, item) in &mut doc.paths.paths {
+        let event_stream = item
+            .get
+            .as_mut()
+            .and_then(|operation| operation.responses.responses.get_mut("200"))
+            .and_then(|response| match response {
+                utoipa::openapi::RefOr::T(response) => response.content.get_mut(SSE_CONTENT_TYPE),
+                utoipa::openapi::RefOr::Ref(_) => None,
+            });
+        if let Some(content) = event_stream {
+            content.schema = Some(sse_event_schema(path).into());
+        }
         let operations = [
             &mut item.get,
             &mut item.put,
@@ -143,6 +166,9 @@ fn document_rules(doc: &mut utoipa::openapi::OpenApi) {
                     (ParameterIn::Path, "stream") => {
                         parameter.schema = Some(crate::json::stream_id_schema().into());
                     }
+                    (ParameterIn::Path, "group") => {
+                        parameter.schema = Some(crate::json::group_name_schema().into());
+                    }
                     (ParameterIn::Header, "Expected-Version") => {
                         let schema = ObjectBuilder::new()
                             .schema_type(Type::String)
@@ -153,6 +179,62 @@ fn document_rules(doc: &mut utoipa::openapi::OpenApi) {
                 }
             }
         }
+    }
+}
+
+const SSE_CONTENT_TYPE: &str = "text/event-stream";
+
+/// One Server-Sent Event of the stream at `path`, the way OpenAPI 3.1 describes an event
+/// stream (`schema` is one event: `{event, id, data, retry}`): `data` is a JSON document of the
+/// payload. A subscription sends unnamed messages with `id:` = position and `data:` = an
+/// `EventJson`, and at most one final `event: error` with an `ErrorBody`; a persistent
+/// consumer sends unnamed messages with a `DeliveryJson`.
+fn sse_event_schema(path: &str) -> utoipa::openapi::Schema {
+    use utoipa::openapi::{ObjectBuilder, OneOfBuilder, Schema, Type};
+    let message = |event_name: &str, payload: &str, with_id: bool| {
+        let mut data = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .build();
+        // utoipa has no `contentSchema`; an extension map is written out flat, as it is.
+        data.extensions.get_or_insert_with(Default::default).insert(
+            "contentSchema".to_owned(),
+            serde_json::json!({ "$ref": format!("#/components/schemas/{payload}") }),
+        );
+        let mut event = ObjectBuilder::new()
+            .property(
+                "event",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([event_name])),
+            )
+            .property("data", data)
+            .required("data");
+        if event_name != "message" {
+            // Unnamed events are `message`s; a named one must say its name.
+            event = event.required("event");
+        }
+        if with_id {
+            event = event
+                .property(
+                    "id",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some("^[0-9]+$")),
+                )
+                .required("id");
+        }
+        Schema::Object(event.build())
+    };
+    if path.ends_with("/consume") {
+        message("message", "DeliveryJson", false)
+    } else {
+        Schema::OneOf(
+            OneOfBuilder::new()
+                .item(message("message", "EventJson", true))
+                .item(message("error", "ErrorBody", false))
+                .build(),
+        )
     }
 }
 
@@ -231,7 +313,7 @@ fn stream_id(path: Result<Path<String>, PathRejection>) -> Result<StreamId, ApiE
     })
 }
 
-fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     query
         .map(|Query(value)| value)
         .map_err(|rejection| ApiError::new(ErrorCode::InvalidQuery, rejection.body_text()))
@@ -254,7 +336,7 @@ fn expected_version(headers: &HeaderMap) -> Result<ExpectedVersion, ApiError> {
         })
 }
 
-fn json_body(
+pub(crate) fn json_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     body_bytes_max: usize,
@@ -883,7 +965,9 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
     }
 }
 
-fn subscriber_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+pub(crate) fn subscriber_permit(
+    state: &AppState,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     Arc::clone(&state.subscribers)
         .try_acquire_owned()
         .map_err(|_| {

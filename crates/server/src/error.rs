@@ -63,6 +63,18 @@ pub enum ErrorCode {
     /// 503: the store refuses writes (a failed fsync or a full disk: details `state` =
     /// `failed`) or is closed (`state` = `closed`).
     StoreUnavailable,
+    /// 400: a persistent subscription group name breaks the rules (1..=100 bytes, no control
+    /// characters).
+    InvalidGroupName,
+    /// 400: a group setting is out of its range (details: `field`).
+    InvalidGroupSettings,
+    /// 404: no persistent subscription group of that name.
+    GroupNotFound,
+    /// 409: a group of that name exists already.
+    GroupExists,
+    /// 429: the group limit (groups per store, consumers per group) is reached (details:
+    /// `limit`, `max`).
+    TooManyGroupMembers,
     /// 500: a bug; the message says what failed.
     Internal,
 }
@@ -78,16 +90,23 @@ impl ErrorCode {
             | Self::InvalidQuery
             | Self::InvalidMetadata
             | Self::InvalidLastEventId
-            | Self::DuplicateStream => StatusCode::BAD_REQUEST,
+            | Self::DuplicateStream
+            | Self::InvalidGroupName
+            | Self::InvalidGroupSettings => StatusCode::BAD_REQUEST,
             Self::LimitExceeded | Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::StreamNotFound | Self::SnapshotNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::StreamNotFound
+            | Self::SnapshotNotFound
+            | Self::NotFound
+            | Self::GroupNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::WrongExpectedVersion | Self::IdempotencyConflict => StatusCode::CONFLICT,
+            Self::WrongExpectedVersion | Self::IdempotencyConflict | Self::GroupExists => {
+                StatusCode::CONFLICT
+            }
             Self::StreamDeleted => StatusCode::GONE,
-            Self::TooManySubscribers => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManySubscribers | Self::TooManyGroupMembers => StatusCode::TOO_MANY_REQUESTS,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -118,6 +137,11 @@ impl ErrorCode {
             Self::StreamDeleted => "stream_deleted",
             Self::TooManySubscribers => "too_many_subscribers",
             Self::StoreUnavailable => "store_unavailable",
+            Self::InvalidGroupName => "invalid_group_name",
+            Self::InvalidGroupSettings => "invalid_group_settings",
+            Self::GroupNotFound => "group_not_found",
+            Self::GroupExists => "group_exists",
+            Self::TooManyGroupMembers => "too_many_group_members",
             Self::Internal => "internal",
         }
     }
@@ -165,6 +189,12 @@ impl ApiError {
         self
     }
 
+    /// Overrides the code's usual status (`LimitExceeded` is 400 for request-shape limits).
+    pub(crate) fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
     pub(crate) fn body(&self) -> ErrorBody {
         ErrorBody {
             error: self.code,
@@ -184,7 +214,7 @@ impl ApiError {
         api
     }
 
-    fn storage(error: &StorageError) -> Self {
+    pub(crate) fn storage(error: &StorageError) -> Self {
         match error {
             StorageError::Failed { .. } => {
                 Self::new(ErrorCode::StoreUnavailable, error.to_string()).with("state", "failed")

@@ -36,6 +36,17 @@ pub(crate) fn stream_id_schema() -> Object {
         .build()
 }
 
+/// The rules of a persistent-subscription group name (`check_group_name`) as a JSON Schema:
+/// 1 to 100 bytes (`maxLength` counts characters), no control character.
+pub(crate) fn group_name_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(factline_core::persistent::GROUP_NAME_BYTES_MAX))
+        .pattern(Some("^[^\\u0000-\\u001f\\u007f-\\u009f]+$"))
+        .build()
+}
+
 /// Base64 as the `STANDARD` engine decodes it: the standard alphabet, padded, and the unused
 /// bits of the last character zero.
 const BASE64_PATTERN: &str =

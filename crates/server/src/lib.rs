@@ -33,13 +33,14 @@ pub mod client;
 mod error;
 mod json;
 mod metrics;
+mod persistent;
 mod sse;
 mod tls;
 mod ui;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use factline_core::{EventStore, SnapshotStore};
+use factline_core::{EventStore, SnapshotStore, persistent::PersistentSubscriptions};
 use tokio::sync::{Semaphore, watch};
 
 /// What the server serves: an event store with its snapshot store (every backend is both).
@@ -186,6 +187,8 @@ pub(crate) struct AppState {
     pub(crate) subscribers: Arc<Semaphore>,
     /// Set to `true` when the server shuts down; SSE subscriptions end on it.
     pub(crate) shutdown: Arc<watch::Sender<bool>>,
+    /// The store's persistent subscription groups, opened at bind or on first use.
+    pub(crate) persistent: Arc<tokio::sync::OnceCell<PersistentSubscriptions>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -203,6 +206,7 @@ pub struct Server {
     tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
     shutdown: Arc<watch::Sender<bool>>,
+    persistent: Arc<tokio::sync::OnceCell<PersistentSubscriptions>>,
 }
 
 impl Server {
@@ -233,12 +237,31 @@ impl Server {
             .await
             .map_err(|source| ServeError::Bind { listen, source })?;
         let shutdown = Arc::new(watch::Sender::new(false));
-        let router = router(store, options, Arc::clone(&shutdown));
+        // Groups recorded in the store start delivering as soon as consumers connect; a store
+        // whose registry cannot be read still serves everything else (and says why here and
+        // on every /subscriptions request).
+        let persistent = Arc::new(tokio::sync::OnceCell::new());
+        let event_store: Arc<dyn EventStore> = store.clone();
+        match PersistentSubscriptions::open(event_store).await {
+            Ok(groups) => {
+                let _ = persistent.set(groups);
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "persistent subscriptions could not be opened");
+            }
+        }
+        let router = router(
+            store,
+            options,
+            Arc::clone(&shutdown),
+            Arc::clone(&persistent),
+        );
         Ok(Self {
             listener,
             tls,
             router,
             shutdown,
+            persistent,
         })
     }
 
@@ -260,6 +283,7 @@ impl Server {
             tls,
             router,
             shutdown: stop,
+            persistent,
         } = self;
         let address = listener.local_addr()?;
         let graceful = async move {
@@ -282,6 +306,10 @@ impl Server {
                     .await?;
             }
         }
+        if let Some(groups) = persistent.get() {
+            // Saves every group's checkpoint.
+            groups.shutdown().await;
+        }
         Ok(())
     }
 }
@@ -289,13 +317,19 @@ impl Server {
 /// The API's routes over `store`, for embedding in another axum application (no listener,
 /// no shutdown signal: subscriptions end when their client goes away).
 pub fn app(store: Arc<dyn Store>, options: ServerOptions) -> axum::Router {
-    router(store, options, Arc::new(watch::Sender::new(false)))
+    router(
+        store,
+        options,
+        Arc::new(watch::Sender::new(false)),
+        Arc::new(tokio::sync::OnceCell::new()),
+    )
 }
 
 fn router(
     store: Arc<dyn Store>,
     options: ServerOptions,
     shutdown: Arc<watch::Sender<bool>>,
+    persistent: Arc<tokio::sync::OnceCell<PersistentSubscriptions>>,
 ) -> axum::Router {
     // Install the recorder before the first request, so the store's metrics count from here.
     let _ = metrics::handle();
@@ -305,6 +339,7 @@ fn router(
         subscribers: Arc::new(Semaphore::new(options.subscribers_max)),
         options: Arc::new(options),
         shutdown,
+        persistent,
     };
     let ui = ui::routes(state.clone());
     api::routes(state).merge(ui)

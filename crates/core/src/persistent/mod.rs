@@ -382,6 +382,12 @@ pub enum SettleError {
     /// The group stopped (deleted, updated or shut down); its deliveries are retried.
     #[error("the group stopped; unsettled deliveries will be delivered again")]
     GroupStopped,
+    /// No group of that name.
+    #[error("no persistent subscription group {group}")]
+    GroupNotFound {
+        /// The name.
+        group: String,
+    },
     /// Too many ids in one call.
     #[error("{given} delivery ids in one call; at most {max}")]
     TooManyIds {
@@ -605,24 +611,33 @@ impl PersistentConsumer {
         ids: &[DeliveryId],
         nack: Option<(NackAction, String)>,
     ) -> Result<Settled, SettleError> {
-        if ids.len() > SETTLE_IDS_MAX {
-            return Err(SettleError::TooManyIds {
-                given: ids.len(),
-                max: SETTLE_IDS_MAX,
-            });
-        }
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(actor::Command::Settle {
-                consumer: self.id,
-                ids: ids.to_vec(),
-                nack,
-                reply,
-            })
-            .await
-            .map_err(|_| SettleError::GroupStopped)?;
-        answer.await.map_err(|_| SettleError::GroupStopped)
+        settle_through(&self.commands, self.id, ids, nack).await
     }
+}
+
+async fn settle_through(
+    commands: &mpsc::Sender<actor::Command>,
+    consumer: ConsumerId,
+    ids: &[DeliveryId],
+    nack: Option<(NackAction, String)>,
+) -> Result<Settled, SettleError> {
+    if ids.len() > SETTLE_IDS_MAX {
+        return Err(SettleError::TooManyIds {
+            given: ids.len(),
+            max: SETTLE_IDS_MAX,
+        });
+    }
+    let (reply, answer) = oneshot::channel();
+    commands
+        .send(actor::Command::Settle {
+            consumer,
+            ids: ids.to_vec(),
+            nack,
+            reply,
+        })
+        .await
+        .map_err(|_| SettleError::GroupStopped)?;
+    answer.await.map_err(|_| SettleError::GroupStopped)
 }
 
 impl Drop for PersistentConsumer {
@@ -902,6 +917,26 @@ impl PersistentSubscriptions {
         for handle in groups.into_values() {
             stop(handle).await;
         }
+    }
+
+    /// Settles deliveries of consumer `consumer` of `group` on its behalf (for a consumer
+    /// whose [`PersistentConsumer`] is held elsewhere, e.g. an HTTP stream): `nack` `None`
+    /// acks. Ids that are not that consumer's open deliveries are reported, not settled.
+    pub async fn settle(
+        &self,
+        group: &str,
+        consumer: ConsumerId,
+        ids: &[DeliveryId],
+        nack: Option<(NackAction, &str)>,
+    ) -> Result<Settled, SettleError> {
+        let sender = self
+            .sender(group)
+            .await
+            .map_err(|_| SettleError::GroupNotFound {
+                group: group.to_owned(),
+            })?;
+        let nack = nack.map(|(action, reason)| (action, reason.to_owned()));
+        settle_through(&sender, consumer, ids, nack).await
     }
 
     /// Stops every group at once, saving nothing: what a crash leaves (for crash tests).
