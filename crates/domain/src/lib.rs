@@ -69,6 +69,7 @@ extern crate self as factline_domain;
 
 mod aggregate;
 mod event;
+mod process;
 mod projection;
 mod repository;
 pub mod testing;
@@ -80,6 +81,11 @@ pub mod __private;
 pub use aggregate::{Aggregate, AggregateIdError, SnapshotState, stream_id_for};
 pub use event::{DecodeError, DomainEvent, EncodeError};
 pub use factline_macros::DomainEvent;
+pub use process::{
+    CommandSink, IssuedCommand, ProcessError, ProcessInstance, ProcessManager,
+    ProcessManagerRunner, ProcessOptions, ProcessStopped, REACTED_EVENT_TYPE, RECENT_REACTIONS_MAX,
+    Reaction, SinkError, process_checkpoint_name, timeout_index_stream,
+};
 pub use projection::{Projection, ProjectionError, ProjectionRunner, RunnerOptions, Stopped};
 pub use repository::{
     AsOf, ExecuteError, ExecuteOptions, Executed, LoadError, Loaded, Repository, SnapshotPolicy,

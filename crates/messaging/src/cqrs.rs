@@ -373,7 +373,7 @@ pub enum SendError {
     #[error("publishing a {type_name} to {topic:?} failed: {source}")]
     Publish {
         /// The type's name.
-        type_name: &'static str,
+        type_name: String,
         /// The topic.
         topic: String,
         /// The publisher's error.
@@ -650,7 +650,7 @@ async fn publish_one<M: Marshaler, T: Serialize>(
     publisher: &dyn Publisher,
     marshaler: &M,
     layout: &TopicLayout,
-    type_name: &'static str,
+    type_name: &str,
     value: &T,
     id: MessageId,
     mut metadata: Metadata,
@@ -664,7 +664,7 @@ async fn publish_one<M: Marshaler, T: Serialize>(
         .publish(&topic, vec![message])
         .await
         .map_err(|source| SendError::Publish {
-            type_name,
+            type_name: type_name.to_owned(),
             topic,
             source,
         })?;
@@ -712,14 +712,28 @@ impl<M: Marshaler> CommandBus<M> {
         id: MessageId,
         metadata: Metadata,
     ) -> Result<MessageId, SendError> {
+        let metadata = with_partition_key(metadata, || command.partition_key());
+        self.send_named(C::NAME, command, id, metadata).await
+    }
+
+    /// Sends `payload` as a command named `type_name`, with the id `id` — for a command kept
+    /// in encoded form and sent (again) later, e.g. one a process manager recorded before a
+    /// restart. `metadata` should carry the partition key the typed command would have.
+    pub async fn send_named<T: Serialize>(
+        &self,
+        type_name: &str,
+        payload: &T,
+        id: MessageId,
+        metadata: Metadata,
+    ) -> Result<MessageId, SendError> {
         publish_one(
             &*self.publisher,
             &*self.config.marshaler,
             &self.config.layout,
-            C::NAME,
-            command,
+            type_name,
+            payload,
             id,
-            with_partition_key(metadata, || command.partition_key()),
+            metadata,
         )
         .await
     }

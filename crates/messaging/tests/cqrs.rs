@@ -667,10 +667,10 @@ async fn a_closed_publisher_is_a_publish_error() -> TestResult {
         matches!(
             error,
             Some(SendError::Publish {
-                type_name: "OrderPlaced",
+                ref type_name,
                 ref topic,
                 ..
-            }) if topic == "events.OrderPlaced"
+            }) if type_name == "OrderPlaced" && topic == "events.OrderPlaced"
         ),
         "{error:?}"
     );

@@ -1,5 +1,7 @@
-//! The orders example: an [`Order`] aggregate written as a decider with factline-domain, and
-//! its read models ([`read_models`]: order summaries, customer histories, daily revenue).
+//! The orders example: an [`Order`] aggregate written as a decider with factline-domain, its
+//! read models ([`read_models`]: order summaries, customer histories, daily revenue), a
+//! [`payment::Payment`] aggregate, and the [`checkout`] saga that takes an order through
+//! payment and shipment and compensates when a step fails.
 //!
 //! An order is placed with a total, paid in one or more payments, then shipped; it can be
 //! canceled until it ships. Amounts are integer cents.
@@ -14,6 +16,8 @@
 use factline::domain::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
+pub mod checkout;
+pub mod payment;
 pub mod read_models;
 
 /// What can be asked of an order.
