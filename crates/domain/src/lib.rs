@@ -1,4 +1,5 @@
-//! factline domain layer: typed events, aggregates as deciders, repositories and snapshots.
+//! factline domain layer: typed events, aggregates as deciders, repositories and snapshots,
+//! projections, process managers.
 //!
 //! - [`DomainEvent`] (derive it with [`#[derive(DomainEvent)]`](macro@DomainEvent)): serde types
 //!   with a stable event type name and a schema version.
@@ -7,6 +8,9 @@
 //!   version, retries on conflict when asked, and returns the recorded events.
 //! - [`Projection`] and [`ProjectionRunner`]: read models fed from `$all`, resumed from a
 //!   durable checkpoint, rebuilt by catching a fresh instance up.
+//! - [`ProcessManager`] and [`ProcessManagerRunner`]: sagas that react to events, keep their
+//!   state as their own stream, send commands (recorded before they are sent) and schedule
+//!   timeouts that survive restarts.
 //! - [`Upcasters`] and [`check_stored_events`]: older stored events read in the current shape,
 //!   and a check that a changed event schema still reads every stored event.
 //! - [`testing::AggregateTest`]: given/when/then tests of an aggregate's rules.
