@@ -109,6 +109,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let store = PostgresStore::open(postgres)
             .await
             .with_context(|| format!("opening the PostgreSQL store at {url} (schema {schema})"))?;
+        let options = options.checkpoints(Arc::new(store.checkpoints()));
         let server = Server::bind(Arc::new(store.clone()), options).await?;
         tracing::info!(
             address = %server.local_addr(),
@@ -136,6 +137,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              kept what fdatasync reported as synced (run `factline verify` if in doubt)"
         );
     }
+    let options = options.checkpoints(Arc::new(store.checkpoints()));
     let server = Server::bind(Arc::new(store.clone()), options).await?;
     tracing::info!(
         address = %server.local_addr(),

@@ -64,6 +64,13 @@ pub trait CheckpointStore: Send + Sync {
     /// Forgets the checkpoint of `name` (a rebuild then starts from the beginning). Deleting
     /// a name never saved is not an error.
     async fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError>;
+
+    /// The saved checkpoints in name order, at most `count_max` of them (what a status page
+    /// shows: projections, process managers, subscribers and how far each has come).
+    async fn list_checkpoints(
+        &self,
+        count_max: usize,
+    ) -> Result<Vec<(String, Position)>, CheckpointError>;
 }
 
 /// Checkpoints in memory (lost with the process).
@@ -105,6 +112,20 @@ impl CheckpointStore for InMemoryCheckpointStore {
         self.saved().remove(name);
         Ok(())
     }
+
+    async fn list_checkpoints(
+        &self,
+        count_max: usize,
+    ) -> Result<Vec<(String, Position)>, CheckpointError> {
+        let mut saved: Vec<(String, Position)> = self
+            .saved()
+            .iter()
+            .map(|(name, position)| (name.clone(), *position))
+            .collect();
+        saved.sort();
+        saved.truncate(count_max);
+        Ok(saved)
+    }
 }
 
 #[async_trait]
@@ -119,5 +140,12 @@ impl<T: CheckpointStore + ?Sized> CheckpointStore for std::sync::Arc<T> {
 
     async fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError> {
         (**self).delete_checkpoint(name).await
+    }
+
+    async fn list_checkpoints(
+        &self,
+        count_max: usize,
+    ) -> Result<Vec<(String, Position)>, CheckpointError> {
+        (**self).list_checkpoints(count_max).await
     }
 }

@@ -249,6 +249,12 @@ impl CheckpointStore for CountingCheckpoints {
     async fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError> {
         self.inner.delete_checkpoint(name).await
     }
+    async fn list_checkpoints(
+        &self,
+        count_max: usize,
+    ) -> Result<Vec<(String, Position)>, CheckpointError> {
+        self.inner.list_checkpoints(count_max).await
+    }
 }
 
 #[tokio::test]

@@ -68,31 +68,58 @@ impl LogCheckpointStore {
     fn load(&self, name: &str) -> Result<Option<Position>, CheckpointError> {
         check_checkpoint_name(name)?;
         let _guard = self.guard();
-        let path = self.file_path(name);
+        match self.read_file(&self.file_path(name))? {
+            Some((stored_name, position)) if stored_name == name.as_bytes() => Ok(Some(position)),
+            // Absent, or two names whose hashes collide: not this name's checkpoint.
+            _ => Ok(None),
+        }
+    }
+
+    /// The name and position a checkpoint file holds (`None`: no such file).
+    fn read_file(&self, path: &Path) -> Result<Option<(Vec<u8>, Position)>, CheckpointError> {
         // Magic, checksum, name length, the longest name, position.
         let bytes_max = (8 + 4 + 2 + factline_core::CHECKPOINT_NAME_BYTES_MAX + 8) as u64;
-        let body = match small_file::read(&*self.storage, &path, &MAGIC, bytes_max) {
+        let body = match small_file::read(&*self.storage, path, &MAGIC, bytes_max) {
             Ok(Some(body)) => body,
             Ok(None) => return Ok(None),
             Err(ReadError::Io(error)) => return Err(storage_error(error)),
-            Err(ReadError::Corrupt(reason)) => return Err(corrupt(&path, reason)),
+            Err(ReadError::Corrupt(reason)) => return Err(corrupt(path, reason)),
         };
         let name_len = body
             .get(..2)
             .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
-            .ok_or_else(|| corrupt(&path, "too short"))?;
+            .ok_or_else(|| corrupt(path, "too short"))?;
         let stored_name = body
             .get(2..2 + name_len)
-            .ok_or_else(|| corrupt(&path, "too short"))?;
-        if stored_name != name.as_bytes() {
-            // Two names whose hashes collide: not this name's checkpoint.
-            return Ok(None);
-        }
+            .ok_or_else(|| corrupt(path, "too short"))?;
         let position: [u8; 8] = body
             .get(2 + name_len..2 + name_len + 8)
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| corrupt(&path, "too short"))?;
-        Ok(Some(Position(u64::from_le_bytes(position))))
+            .ok_or_else(|| corrupt(path, "too short"))?;
+        Ok(Some((
+            stored_name.to_vec(),
+            Position(u64::from_le_bytes(position)),
+        )))
+    }
+
+    fn list(&self, count_max: usize) -> Result<Vec<(String, Position)>, CheckpointError> {
+        let _guard = self.guard();
+        let files = match self.storage.list_dir(&self.dir) {
+            Ok(files) => files,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(storage_error(error)),
+        };
+        let mut saved = Vec::new();
+        for file in files.iter().filter(|file| file.ends_with(".ckpt")) {
+            if let Some((name, position)) = self.read_file(&self.dir.join(file))? {
+                let name = String::from_utf8(name)
+                    .map_err(|_| corrupt(&self.dir.join(file), "the name is not UTF-8"))?;
+                saved.push((name, position));
+            }
+        }
+        saved.sort();
+        saved.truncate(count_max);
+        Ok(saved)
     }
 
     fn save(&self, name: &str, position: Position) -> Result<(), CheckpointError> {
@@ -136,5 +163,12 @@ impl CheckpointStore for LogCheckpointStore {
 
     async fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError> {
         self.delete(name)
+    }
+
+    async fn list_checkpoints(
+        &self,
+        count_max: usize,
+    ) -> Result<Vec<(String, Position)>, CheckpointError> {
+        self.list(count_max)
     }
 }

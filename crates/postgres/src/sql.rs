@@ -37,6 +37,7 @@ pub(crate) struct Sql {
     pub(crate) load_checkpoint: Arc<str>,
     pub(crate) save_checkpoint: Arc<str>,
     pub(crate) delete_checkpoint: Arc<str>,
+    pub(crate) list_checkpoints: Arc<str>,
 }
 
 /// The data-modifying CTE both write statements share: insert the events from the column arrays
@@ -199,6 +200,9 @@ impl Sql {
             )),
             load_checkpoint: arc(format!(
                 "SELECT position FROM {s}.checkpoints WHERE name = $1"
+            )),
+            list_checkpoints: arc(format!(
+                "SELECT name, position FROM {s}.checkpoints ORDER BY name LIMIT $1"
             )),
             save_checkpoint: arc(format!(
                 "INSERT INTO {s}.checkpoints (name, position, updated_at) VALUES ($1, $2, now()) \

@@ -1155,4 +1155,19 @@ impl factline_core::CheckpointStore for PostgresCheckpointStore {
     async fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError> {
         self.delete(name).await
     }
+
+    async fn list_checkpoints(
+        &self,
+        count_max: usize,
+    ) -> Result<Vec<(String, Position)>, CheckpointError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as(AssertSqlSafe(Arc::clone(&self.sql.list_checkpoints)))
+                .bind(i64::try_from(count_max).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(storage("listing checkpoints"))?;
+        rows.into_iter()
+            .map(|(name, position)| Ok((name, Position(from_sql("position", position)?))))
+            .collect()
+    }
 }

@@ -40,7 +40,9 @@ mod ui;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use factline_core::{EventStore, SnapshotStore, persistent::PersistentSubscriptions};
+use factline_core::{
+    CheckpointStore, EventStore, SnapshotStore, persistent::PersistentSubscriptions,
+};
 use tokio::sync::{Semaphore, watch};
 
 /// What the server serves: an event store with its snapshot store (every backend is both).
@@ -72,6 +74,19 @@ pub struct ServerOptions {
     pub read_limit_default: usize,
     /// Serve HTTPS with this certificate and key (rustls) instead of plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// The checkpoint store of the store's backend, listed in the web UI (how far each
+    /// projection, process manager or subscriber has come). `None`: not shown.
+    pub checkpoints: Option<SharedCheckpoints>,
+}
+
+/// A [`CheckpointStore`] shared with the server.
+#[derive(Clone)]
+pub struct SharedCheckpoints(pub Arc<dyn CheckpointStore>);
+
+impl std::fmt::Debug for SharedCheckpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCheckpoints").finish_non_exhaustive()
+    }
 }
 
 impl Default for ServerOptions {
@@ -85,6 +100,7 @@ impl Default for ServerOptions {
             sse_keep_alive_ms: 15_000,
             read_limit_default: 100,
             tls: None,
+            checkpoints: None,
         }
     }
 }
@@ -129,6 +145,13 @@ impl ServerOptions {
     #[must_use]
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Lists the checkpoints of `checkpoints` in the web UI.
+    #[must_use]
+    pub fn checkpoints(mut self, checkpoints: Arc<dyn CheckpointStore>) -> Self {
+        self.checkpoints = Some(SharedCheckpoints(checkpoints));
         self
     }
 

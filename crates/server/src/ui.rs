@@ -7,7 +7,11 @@
 //!   metadata and paging;
 //! - `/ui/all` — a page of `$all`, filtered like the API;
 //! - `/ui/tail` — a live tail of `$all` or one stream over the API's SSE endpoints
-//!   (`?stream=`, `?from=start|end`, `?limit=N` to stop after N events).
+//!   (`?stream=`, `?from=start|end`, `?limit=N` to stop after N events);
+//! - `/ui/subscriptions` — the persistent-subscription groups (admin): source, strategy,
+//!   checkpoint and lag, connected consumers, in-flight and parked events, counters; and the
+//!   checkpoints of the backend's checkpoint store (projections, process managers), each
+//!   with how far it is behind the head.
 //!
 //! Every value from the store goes through `maud`'s escaping; the one script (`/ui/app.js`)
 //! writes events into the page with `textContent` only. Pages answer with a strict
@@ -29,6 +33,7 @@ use axum::{
 use factline_core::{
     ContentType, EventFilter, EventStore, Position, ReadAllOptions, ReadStreamError,
     ReadStreamOptions, RecordedEvent, Revision, StreamId,
+    persistent::{GroupInfo, PersistentSource},
 };
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
@@ -45,6 +50,8 @@ const RECENT_EVENTS_SCANNED: usize = 10_000;
 const STREAMS_LISTED_MAX: usize = 200;
 /// Events per page of the stream and `$all` pages.
 const PAGE_EVENTS: usize = 50;
+/// Checkpoints the subscriptions page lists at most.
+const CHECKPOINTS_LISTED_MAX: usize = 500;
 /// Payloads longer than this are cut in the page (the API serves them whole).
 const PAYLOAD_SHOWN_BYTES_MAX: usize = 16 * 1024;
 
@@ -57,6 +64,7 @@ pub(crate) fn routes(state: AppState) -> Router {
         .route("/ui/streams/{stream}", get(stream_page))
         .route("/ui/all", get(all_page))
         .route("/ui/tail", get(tail_page))
+        .route("/ui/subscriptions", get(subscriptions_page))
         .route("/ui/login", get(login_page).post(sign_in))
         .route("/ui/logout", post(sign_out))
         .route("/ui/app.css", get(|| async { asset(STYLE, "text/css") }))
@@ -96,6 +104,7 @@ fn page(title: &str, body: Markup) -> Response {
                         a href="/" { "Streams" }
                         a href="/ui/all" { "$all" }
                         a href="/ui/tail" { "Live tail" }
+                        a href="/ui/subscriptions" { "Subscriptions" }
                         a href="/openapi.json" { "API" }
                         a href="/ui/login" { "Sign in" }
                     }
@@ -342,8 +351,8 @@ async fn home(
             h1 { "Streams" }
             p.facts {
                 "head position: " strong { (head.map_or_else(|| "none (empty log)".to_owned(), |p| p.value().to_string())) }
-                " · open SSE subscriptions: " strong #subscribers { (subscribers) }
-                " · persistent subscriptions and projections: none (not built yet)"
+                " · open SSE subscriptions and consumers: " strong #subscribers { (subscribers) }
+                " · " a href="/ui/subscriptions" { "persistent subscriptions" }
             }
             form.search method="get" action="/" {
                 input type="search" name="q" placeholder="stream id prefix, e.g. order-" value=(prefix.unwrap_or(""));
@@ -363,6 +372,142 @@ async fn home(
                                 td.num { (position.value()) }
                             }
                         }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// What a group reads, in words.
+fn source_text(source: &PersistentSource) -> String {
+    match source {
+        PersistentSource::Stream { stream } => format!("stream {stream}"),
+        PersistentSource::All { filter } => {
+            let mut text = String::from("$all");
+            for (label, part) in [
+                ("prefix", &filter.stream_prefix),
+                ("category", &filter.category),
+                ("type", &filter.event_type_prefix),
+            ] {
+                if let Some(part) = part {
+                    text.push_str(&format!(" {label}={part}"));
+                }
+            }
+            text
+        }
+    }
+}
+
+async fn subscriptions_page(State(state): State<AppState>, UiCaller(caller): UiCaller) -> Response {
+    if caller
+        .require_admin("list persistent subscription groups")
+        .is_err()
+    {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "listing persistent subscription groups takes an admin token",
+        );
+    }
+    let groups = match crate::persistent::subscriptions(&state).await {
+        Ok(subscriptions) => subscriptions.list().await.map_err(|e| e.to_string()),
+        Err(error) => Err(error.body().message),
+    };
+    let groups: Vec<GroupInfo> = match groups {
+        Ok(groups) => groups,
+        Err(error) => return error_page(StatusCode::SERVICE_UNAVAILABLE, &error),
+    };
+    let head = state.store.head_position().await.ok().flatten();
+    let checkpoints = match &state.options.checkpoints {
+        None => None,
+        Some(store) => Some(
+            store
+                .0
+                .list_checkpoints(CHECKPOINTS_LISTED_MAX)
+                .await
+                .map_err(|error| error.to_string()),
+        ),
+    };
+    page(
+        "subscriptions",
+        html! {
+            h1 { "Persistent subscriptions" }
+            p.facts {
+                "groups: " strong { (groups.len()) }
+                " · head position: " strong { (head.map_or_else(|| "none".to_owned(), |p| p.value().to_string())) }
+                " · managed over the API: " code { "PUT /subscriptions/{group}" }
+            }
+            @if groups.is_empty() {
+                p.empty { "No groups." }
+            } @else {
+                table.groups {
+                    thead {
+                        tr {
+                            th { "group" } th { "source" } th { "strategy" } th { "checkpoint" }
+                            th { "behind" } th { "consumers" } th { "in flight" } th { "parked" }
+                            th { "delivered" } th { "acked" } th { "retried" } th { "timed out" }
+                            th { "last error" }
+                        }
+                    }
+                    tbody {
+                        @for group in &groups {
+                            @let parked = format!("factline.parked-{}", group.group);
+                            @let behind = match (&group.settings.source, head, group.checkpoint) {
+                                (PersistentSource::All { .. }, Some(head), Some(at)) => head.value().saturating_sub(at).to_string(),
+                                (PersistentSource::All { .. }, Some(head), None) => (head.value() + 1).to_string(),
+                                _ => "—".to_owned(),
+                            };
+                            tr {
+                                td { strong { (group.group) } }
+                                td { (source_text(&group.settings.source)) }
+                                td { (format!("{:?}", group.settings.strategy).to_lowercase()) }
+                                td.num { (group.checkpoint.map_or("—".to_owned(), |c| c.to_string())) }
+                                td.num { (behind) }
+                                td {
+                                    @if group.consumers.is_empty() { span.empty { "none" } }
+                                    @for consumer in &group.consumers {
+                                        div { (consumer.name) " " small.id { "#" (consumer.id.0) } " · " (consumer.in_flight) " in flight" }
+                                    }
+                                }
+                                td.num { (group.in_flight) }
+                                td.num {
+                                    @match StreamId::new(parked.as_str()) {
+                                        Ok(stream) => a href=(stream_link(&stream)) { (group.parked_waiting) },
+                                        Err(_) => (group.parked_waiting),
+                                    }
+                                }
+                                td.num { (group.delivered_total) }
+                                td.num { (group.acked_total) }
+                                td.num { (group.retried_total) }
+                                td.num { (group.timed_out_total) }
+                                td { @if let Some(error) = &group.last_error { span.error { (error) } } @else { "—" } }
+                            }
+                        }
+                    }
+                }
+                p.note { "Counters are since the server started. A parked count links to the group's dead-letter stream." }
+            }
+            h2 { "Checkpoints" }
+            p.note { "Projections, process managers (" code { "process:{category}" } ") and subscribers that save their place in this store's checkpoint store." }
+            @match checkpoints {
+                None => p.empty { "This server was not given a checkpoint store." },
+                Some(Err(error)) => p.error { "Listing the checkpoints failed: " (error) },
+                Some(Ok(list)) if list.is_empty() => p.empty { "No checkpoints saved." },
+                Some(Ok(list)) => {
+                    table.checkpoints {
+                        thead { tr { th { "name" } th { "position" } th { "behind the head" } } }
+                        tbody {
+                            @for (name, position) in &list {
+                                tr {
+                                    td { (name) }
+                                    td.num { (position.value()) }
+                                    td.num { (head.map_or_else(|| "—".to_owned(), |h| h.value().saturating_sub(position.value()).to_string())) }
+                                }
+                            }
+                        }
+                    }
+                    @if list.len() == CHECKPOINTS_LISTED_MAX {
+                        p.note { "The first " (CHECKPOINTS_LISTED_MAX) " by name." }
                     }
                 }
             }

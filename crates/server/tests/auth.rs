@@ -323,6 +323,21 @@ async fn a_browser_signs_in_with_a_cookie_that_reads_but_never_writes() {
         .unwrap();
     assert_eq!(tail.status(), 200);
     drop(tail);
+    // The persistent-subscriptions page reads group state: an admin's cookie may.
+    let groups = browser
+        .get(server.url("/ui/subscriptions"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(groups.status(), 200);
+    let forbidden = browser
+        .get(server.url("/ui/subscriptions"))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 403, "a reader may not list groups");
 
     // It never writes, even for an admin token: a write needs the Authorization header.
     let (status, code) = status_and_code(

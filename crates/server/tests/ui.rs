@@ -255,3 +255,119 @@ async fn a_browser_renders_the_pages_and_the_tail_over_sse() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_subscriptions_page_lists_groups_with_their_consumers_escaped() {
+    let server = seeded().await;
+    let (_, _, empty) = html(&server, "/ui/subscriptions").await;
+    assert!(empty.contains("No groups."), "{empty}");
+
+    for (group, body) in [
+        (
+            "billing",
+            json!({"source": {"kind": "all", "category": "order"}, "strategy": "pinned"}),
+        ),
+        (
+            "%3Ci%3Eodd%3C%2Fi%3E",
+            json!({"source": {"kind": "stream", "stream": "invoice-7"}}),
+        ),
+    ] {
+        let response = server
+            .client
+            .put(server.url(&format!("/subscriptions/{group}")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{group}");
+    }
+    // A connected consumer, with a name that is not markup.
+    let consumer = server
+        .client
+        .get(server.url("/subscriptions/billing/consume?name=worker-%3Cb%3E1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(consumer.status(), 200);
+
+    let (status, _, page) = html(&server, "/ui/subscriptions").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("groups: <strong>2</strong>"), "{page}");
+    assert!(page.contains("<strong>billing</strong>"), "{page}");
+    assert!(
+        page.contains("$all category=order") && page.contains("pinned"),
+        "{page}"
+    );
+    assert!(
+        page.contains("stream invoice-7") && page.contains("roundrobin"),
+        "{page}"
+    );
+    assert!(
+        page.contains("&lt;i&gt;odd&lt;/i&gt;") && !page.contains("<i>odd"),
+        "group names are escaped: {page}"
+    );
+    assert!(
+        page.contains("worker-&lt;b&gt;1") && !page.contains("worker-<b>"),
+        "consumer names are escaped: {page}"
+    );
+    assert!(
+        page.contains("href=\"/ui/streams/factline.parked-billing\""),
+        "the parked count links to the dead-letter stream: {page}"
+    );
+    let (_, _, home) = html(&server, "/").await;
+    assert!(home.contains("href=\"/ui/subscriptions\""), "{home}");
+    drop(consumer);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_subscriptions_page_lists_checkpoints_with_their_lag() {
+    use std::sync::Arc;
+
+    use factline_core::{CheckpointStore, InMemoryCheckpointStore, InMemoryStore, Position};
+    use factline_server::ServerOptions;
+
+    let unset = seeded().await;
+    let (_, _, page) = html(&unset, "/ui/subscriptions").await;
+    assert!(page.contains("not given a checkpoint store"), "{page}");
+    unset.stop().await;
+
+    let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+    checkpoints
+        .save_checkpoint("orders-summary", Position(1))
+        .await
+        .unwrap();
+    checkpoints
+        .save_checkpoint("process:<checkout>", Position(4))
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        Arc::new(InMemoryStore::new()),
+        ServerOptions::default().checkpoints(checkpoints),
+    )
+    .await;
+    for n in 0..5 {
+        let (status, _) = server
+            .append("order-1", None, event("OrderPlaced", json!({"n": n})))
+            .await;
+        assert_eq!(status, 201);
+    }
+    let (status, _, page) = html(&server, "/ui/subscriptions").await;
+    assert_eq!(status, 200);
+    let summary = page.find("<td>orders-summary</td>").expect("listed");
+    let checkout = page
+        .find("<td>process:&lt;checkout&gt;</td>")
+        .expect("escaped");
+    assert!(summary < checkout, "in name order: {page}");
+    // Head 4: the summary is 3 behind, the checkout caught up.
+    assert!(
+        page[summary..]
+            .starts_with("<td>orders-summary</td><td class=\"num\">1</td><td class=\"num\">3</td>"),
+        "{page}"
+    );
+    assert!(
+        page[checkout..].contains("<td class=\"num\">4</td><td class=\"num\">0</td>"),
+        "{page}"
+    );
+    server.stop().await;
+}

@@ -4,7 +4,8 @@ use crate::{CHECKPOINT_NAME_BYTES_MAX, CheckpointError, CheckpointStore, Positio
 
 /// Checks `store` (which must hold no checkpoint whose name starts with `conformance-`):
 /// absent names load as `None`; saves overwrite, forwards and backwards; names are
-/// independent; deletes forget (and deleting the unknown is fine); a name of exactly
+/// independent; listing is in name order and bounded; deletes forget (and deleting the
+/// unknown is fine); a name of exactly
 /// [`CHECKPOINT_NAME_BYTES_MAX`] bytes works; invalid names are refused without touching
 /// anything saved.
 pub async fn checkpoint_store_conformance(store: &dyn CheckpointStore) {
@@ -42,6 +43,26 @@ pub async fn checkpoint_store_conformance(store: &dyn CheckpointStore) {
         store.load_checkpoint(&longest).await.unwrap(),
         Some(Position(5))
     );
+    let ours = |listed: Vec<(String, Position)>| {
+        listed
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("conformance-"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ours(store.list_checkpoints(100_000).await.unwrap()),
+        [
+            (a.to_owned(), Position(3)),
+            (b.to_owned(), Position(u64::MAX >> 1)),
+            (longest.clone(), Position(5)),
+        ],
+        "listed in name order"
+    );
+    assert_eq!(
+        store.list_checkpoints(1).await.unwrap().len(),
+        1,
+        "at most count_max"
+    );
     let too_long = format!("{longest}x");
     for name in [
         "",
@@ -78,6 +99,10 @@ pub async fn checkpoint_store_conformance(store: &dyn CheckpointStore) {
     );
     store.delete_checkpoint(b).await.unwrap();
     store.delete_checkpoint(&longest).await.unwrap();
+    assert!(
+        ours(store.list_checkpoints(100_000).await.unwrap()).is_empty(),
+        "deleted ones are not listed"
+    );
 }
 
 #[cfg(test)]
