@@ -125,6 +125,12 @@ pub(crate) fn exit_code(error: &anyhow::Error) -> u8 {
         if let Some(ReadStreamError::NotFound { .. }) = cause.downcast_ref::<ReadStreamError>() {
             return EXIT_NOT_FOUND;
         }
+        if cause
+            .downcast_ref::<crate::checkpoints::CheckpointNotFound>()
+            .is_some()
+        {
+            return EXIT_NOT_FOUND;
+        }
     }
     1
 }

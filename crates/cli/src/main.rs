@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 conflict (a wrong expected
 //! version or an idempotency conflict: reload and decide again), 4 stream not found.
 
+mod checkpoints;
 mod commands;
 mod serve;
 
@@ -58,6 +59,9 @@ enum Command {
         /// The stream id, e.g. order-42.
         stream: String,
     },
+    /// List or reset the checkpoints of projections, process managers and subscribers.
+    #[command(subcommand)]
+    Checkpoints(checkpoints::CheckpointsCommand),
     /// Check every record, header, position and revision of a data directory without changing
     /// it. Exits 1 when the data is corrupt (naming file and offset).
     Verify {
@@ -122,6 +126,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Export(args) => block_on(commands::export(args))?,
         Command::Import(args) => block_on(commands::import(args))?,
         Command::Bench(args) => block_on(commands::bench(args))?,
+        Command::Checkpoints(command) => block_on(checkpoints::run(command))?,
     }
     Ok(())
 }

@@ -94,3 +94,75 @@ fn verify_checks_a_data_directory_and_names_corruption() {
     let missing = factline(&["verify", "--data", "/nonexistent/factline"]);
     assert_eq!(missing.status.code(), Some(1));
 }
+
+#[test]
+fn checkpoints_are_listed_with_their_lag_and_reset_for_a_rebuild() {
+    use factline_core::{
+        CheckpointStore, EventData, EventStore, ExpectedVersion, Position, StreamId,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = factline_log::LogStore::open(dir.path()).await.unwrap();
+        let stream = StreamId::new("order-1").unwrap();
+        let events = (0..10)
+            .map(|i| EventData::json("OrderPlaced", &serde_json::json!({ "i": i })).unwrap())
+            .collect();
+        store
+            .append(&stream, ExpectedVersion::Any, events)
+            .await
+            .unwrap();
+        let checkpoints = store.checkpoints();
+        checkpoints
+            .save_checkpoint("orders-summary", Position(3))
+            .await
+            .unwrap();
+        checkpoints
+            .save_checkpoint("process:checkout", Position(9))
+            .await
+            .unwrap();
+        store.close().await;
+    });
+    let data = dir.path().to_str().unwrap();
+    let listed = factline(&["checkpoints", "list", "--data", data, "--json"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(listed.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            serde_json::json!({"name": "orders-summary", "position": 3, "behind": 6}),
+            serde_json::json!({"name": "process:checkout", "position": 9, "behind": 0}),
+        ]
+    );
+
+    let reset = factline(&["checkpoints", "reset", "orders-summary", "--data", data]);
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    assert!(String::from_utf8_lossy(&reset.stdout).contains("rebuilds from position 0"));
+    let again = factline(&["checkpoints", "reset", "orders-summary", "--data", data]);
+    assert_eq!(again.status.code(), Some(4), "not found");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no checkpoint named"));
+    let table = factline(&["checkpoints", "list", "--data", data]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.contains("process:checkout") && !table.contains("orders-summary"),
+        "{table}"
+    );
+    let nowhere = factline(&["checkpoints", "list", "--data", "/nonexistent/factline"]);
+    assert_eq!(nowhere.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nowhere.stderr).contains("no segments folder"));
+}

@@ -90,7 +90,9 @@ pub use process::{
     ProcessManagerRunner, ProcessOptions, ProcessStopped, REACTED_EVENT_TYPE, RECENT_REACTIONS_MAX,
     Reaction, SinkError, process_checkpoint_name, timeout_index_stream,
 };
-pub use projection::{Projection, ProjectionError, ProjectionRunner, RunnerOptions, Stopped};
+pub use projection::{
+    Progress, Projection, ProjectionError, ProjectionRunner, RunnerOptions, Stopped,
+};
 pub use repository::{
     AsOf, ExecuteError, ExecuteOptions, Executed, LoadError, Loaded, Repository, SnapshotPolicy,
 };

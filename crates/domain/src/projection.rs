@@ -168,7 +168,25 @@ pub struct ProjectionRunner<P: Projection> {
     checkpoints: Arc<dyn CheckpointStore>,
     options: RunnerOptions,
     upcasters: Upcasters,
+    progress: Option<ProgressFn>,
 }
+
+type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// How far a run has come, as reported to [`ProjectionRunner::on_progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Progress {
+    /// The position of the last event processed.
+    pub position: Position,
+    /// Where a catch-up (a rebuild) ends; `None` for a run that follows the log live.
+    pub target: Option<Position>,
+    /// Events processed in this run (passed-over ones included).
+    pub events: u64,
+}
+
+/// Events between two progress reports.
+const PROGRESS_EVERY_EVENTS: u64 = 1_000;
 
 impl<P: Projection> std::fmt::Debug for ProjectionRunner<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,7 +219,16 @@ impl<P: Projection> ProjectionRunner<P> {
             checkpoints,
             options: RunnerOptions::default(),
             upcasters: Upcasters::new(),
+            progress: None,
         }
+    }
+
+    /// Calls `report` every 1,000 events and at the end of a run — e.g. to drive a progress
+    /// bar through a rebuild (`target` says where a catch-up ends).
+    #[must_use]
+    pub fn on_progress(mut self, report: impl Fn(Progress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(report));
+        self
     }
 
     /// Reads stored events through `upcasters` (older schema versions into the current one;
@@ -377,6 +404,7 @@ impl<P: Projection> ProjectionRunner<P> {
             saved: start,
             since_saved: 0,
         };
+        let mut processed = 0u64;
         let reached = |cursor: &Cursor| {
             until.is_some_and(|until| cursor.position.is_some_and(|p| p >= until))
         };
@@ -410,6 +438,10 @@ impl<P: Projection> ProjectionRunner<P> {
                 }
                 cursor.position = Some(event.position);
                 cursor.since_saved += 1;
+                processed += 1;
+                if processed.is_multiple_of(PROGRESS_EVERY_EVENTS) {
+                    self.report(event.position, until, processed);
+                }
                 if reached(&cursor) {
                     break;
                 }
@@ -419,11 +451,24 @@ impl<P: Projection> ProjectionRunner<P> {
             }
         }
         self.save(&mut cursor).await?;
+        if let Some(position) = cursor.position {
+            self.report(position, until, processed);
+        }
         tracing::info!(projection = self.projection.name(), position = ?cursor.position, "projection stopped");
         Ok(Stopped {
             projection: self.projection,
             position: cursor.position,
         })
+    }
+
+    fn report(&self, position: Position, target: Option<Position>, events: u64) {
+        if let Some(report) = &self.progress {
+            report(Progress {
+                position,
+                target,
+                events,
+            });
+        }
     }
 
     /// Decodes and applies one event (or passes it over).

@@ -365,3 +365,32 @@ async fn replay_to_gives_the_read_model_as_of_a_position_without_touching_checkp
         "no stored checkpoint was touched"
     );
 }
+
+#[tokio::test]
+async fn a_rebuild_reports_its_progress_towards_the_head() {
+    let store = Arc::new(InMemoryStore::new());
+    let checkpoints: Arc<dyn CheckpointStore> = Arc::new(InMemoryCheckpointStore::new());
+    append(&store, "order-1", (0..1_500).map(placed).collect()).await;
+    append(&store, "order-2", (0..1_000).map(placed).collect()).await;
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&reports);
+    runner(Totals::new("progress"), &store, &checkpoints)
+        .on_progress(move |progress| seen.lock().unwrap().push(progress))
+        .catch_up()
+        .await
+        .unwrap();
+    let reports = reports.lock().unwrap();
+    let summary: Vec<_> = reports
+        .iter()
+        .map(|p| (p.events, p.position, p.target))
+        .collect();
+    let end = Some(Position(2_499));
+    assert_eq!(
+        summary,
+        [
+            (1_000, Position(999), end),
+            (2_000, Position(1_999), end),
+            (2_500, Position(2_499), end),
+        ]
+    );
+}

@@ -253,6 +253,27 @@ async fn a_browser_renders_the_pages_and_the_tail_over_sse() {
         dom.contains("id=\"tail-count\">5<"),
         "all five events: {dom}"
     );
+
+    // The subscriptions page renders a group in the browser too.
+    let created = server
+        .client
+        .put(server.url("/subscriptions/billing"))
+        .json(&json!({"source": {"kind": "all", "category": "order"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let mut groups = chromium(&binary, profile.path());
+    groups
+        .args(["--timeout=10000", "--dump-dom"])
+        .arg(server.url("/ui/subscriptions"))
+        .stdout(Stdio::piped());
+    let output = tokio::task::spawn_blocking(move || groups.output().unwrap())
+        .await
+        .unwrap();
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(dom.contains("<strong>billing</strong>"), "{dom}");
+    assert!(dom.contains("$all category=order"), "{dom}");
     server.stop().await;
 }
 

@@ -1,14 +1,32 @@
-//! A short demo of the orders example on the in-memory store.
+//! A short demo of the orders example on the in-memory store. `rebuild [ORDERS]` instead
+//! rebuilds the order summaries over that many orders (default 20,000) with a progress bar.
 #![allow(clippy::print_stdout)]
 
 use std::{error::Error, sync::Arc};
 
-use factline::domain::{ExecuteError, ExecuteOptions, Repository, stream_id_for};
-use factline::{EventStore, InMemoryStore, ReadStreamOptions};
-use factline_example_orders::{Order, OrderCommand, format_cents};
+use factline::domain::{
+    DomainEvent, ExecuteError, ExecuteOptions, ProjectionRunner, Repository, stream_id_for,
+};
+use factline::{
+    CheckpointStore, EventStore, ExpectedVersion, InMemoryCheckpointStore, InMemoryStore,
+    ReadStreamOptions,
+};
+use factline_example_orders::{
+    Order, OrderCommand, OrderEvent, format_cents, read_models::OrderSummaries,
+};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn Error>> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("rebuild") {
+        let orders = match args.next() {
+            Some(n) => n
+                .parse()
+                .map_err(|_| format!("rebuild takes a number of orders, not {n:?}"))?,
+            None => 20_000,
+        };
+        return rebuild(orders).await;
+    }
     let store = InMemoryStore::new();
     let orders = Repository::<Order>::new(Arc::new(store.clone()));
     let order_id = "42";
@@ -87,6 +105,53 @@ async fn main() -> Result<(), Box<dyn Error>> {
         order.status,
         format_cents(order.paid_cents),
         format_cents(order.total_cents)
+    );
+    Ok(())
+}
+
+/// Stores `orders` placed-and-paid orders, then rebuilds the order summaries into a fresh
+/// instance from position 0, with a progress bar fed by the runner.
+async fn rebuild(orders: u64) -> Result<(), Box<dyn Error>> {
+    let store = Arc::new(InMemoryStore::new());
+    for n in 0..orders {
+        let events = [
+            OrderEvent::OrderPlaced {
+                customer_id: format!("c-{}", n % 100),
+                total_cents: 1_000 + n % 9_000,
+            },
+            OrderEvent::PaymentReceived {
+                amount_cents: 1_000 + n % 9_000,
+            },
+        ]
+        .iter()
+        .map(|event| event.to_event_data(Default::default()))
+        .collect::<Result<Vec<_>, _>>()?;
+        let stream = stream_id_for::<Order>(&n.to_string())?;
+        store
+            .append(&stream, ExpectedVersion::NoStream, events)
+            .await?;
+    }
+    let head = store.head_position().await?.map_or(0, |p| p.value() + 1);
+    println!("rebuilding the order summaries over {orders} orders ({head} events):");
+    let bar = indicatif::ProgressBar::new(head);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    let projection = OrderSummaries::new("order-summaries-rebuild");
+    let view = projection.view();
+    let checkpoints: Arc<dyn CheckpointStore> = Arc::new(InMemoryCheckpointStore::new());
+    let shown = bar.clone();
+    let stopped = ProjectionRunner::new(projection, store, checkpoints)
+        .on_progress(move |progress| shown.set_position(progress.position.value() + 1))
+        .catch_up()
+        .await?;
+    bar.finish();
+    println!(
+        "done at position {}: {} orders summarized",
+        stopped.position.map_or(0, |p| p.value()),
+        view.all().len()
     );
     Ok(())
 }
