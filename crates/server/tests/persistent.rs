@@ -393,5 +393,88 @@ async fn managing_groups_takes_an_admin_and_consuming_a_read_grant() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 403);
+    // Without a token: 401, on every endpoint.
+    for (method, path) in [
+        (reqwest::Method::GET, "/subscriptions"),
+        (reqwest::Method::GET, "/subscriptions/o"),
+        (reqwest::Method::DELETE, "/subscriptions/o"),
+        (reqwest::Method::GET, "/subscriptions/o/consume"),
+        (reqwest::Method::POST, "/subscriptions/o/ack"),
+        (reqwest::Method::POST, "/subscriptions/o/nack"),
+        (reqwest::Method::POST, "/subscriptions/o/replay-parked"),
+    ] {
+        let (status, body) = json_response(
+            server
+                .client
+                .request(method.clone(), server.url(path))
+                .json(&json!({"consumer": 1, "ids": [], "action": "skip"}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{method} {path}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn consumers_count_against_the_subscriber_limit_and_bodies_must_be_json() {
+    let server = TestServer::start(
+        Arc::new(InMemoryStore::new()),
+        ServerOptions::default().subscribers_max(1),
+    )
+    .await;
+    let (status, _) = put_group(&server, "g", json!({"source": {"kind": "all"}})).await;
+    assert_eq!(status, 201);
+    let (_first, _) = consume(&server, "g").await;
+    let (status, body) = json_response(
+        server
+            .client
+            .get(server.url("/subscriptions/g/consume"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_subscribers")),
+        "{body}"
+    );
+    let (status, body) = json_response(
+        server
+            .client
+            .post(server.url("/subscriptions/g/ack"))
+            .header("content-type", "text/plain")
+            .body(r#"{"consumer": 1, "ids": [1]}"#)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+    let (status, body) = json_response(
+        server
+            .client
+            .post(server.url("/subscriptions/g/nack"))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_json"))
+    );
     server.stop().await;
 }
