@@ -94,7 +94,8 @@ pub use projection::{
     Progress, Projection, ProjectionError, ProjectionRunner, RunnerOptions, Stopped,
 };
 pub use repository::{
-    AsOf, ExecuteError, ExecuteOptions, Executed, LoadError, Loaded, Repository, SnapshotPolicy,
+    AsOf, COMMAND_HANDLED_EVENT_TYPE, ExecuteError, ExecuteOptions, Executed, LoadError, Loaded,
+    Repository, SnapshotPolicy, handled_stream_for,
 };
 pub use upcast::{
     SchemaProblem, SchemaProblemKind, SchemaReport, UPCAST_STEPS_MAX, Upcasters,

@@ -3,8 +3,8 @@
 use std::{fmt, sync::Arc};
 
 use factline_core::{
-    AppendError, AppendResult, EventData, EventStore, ExpectedVersion, Metadata, Position,
-    ReadStreamError, ReadStreamOptions, RecordedEvent, Revision, Snapshot, SnapshotStore,
+    AppendError, AppendRequest, AppendResult, EventData, EventStore, ExpectedVersion, Metadata,
+    Position, ReadStreamError, ReadStreamOptions, RecordedEvent, Revision, Snapshot, SnapshotStore,
     StorageError, StreamId, StreamState, Timestamp,
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -116,6 +116,9 @@ pub struct ExecuteOptions {
     /// Extra metadata for every event. `correlation_id` and `causation_id` above take
     /// precedence over the same keys here; `schema_version` is always set by the event.
     pub metadata: Metadata,
+    /// Handle the command at most once for this key (see
+    /// [`ExecuteOptions::with_idempotency_key`]).
+    pub idempotency_key: Option<String>,
 }
 
 impl ExecuteOptions {
@@ -142,6 +145,19 @@ impl ExecuteOptions {
     #[must_use]
     pub fn with_causation_id(mut self, causation_id: impl Into<String>) -> Self {
         self.causation_id = Some(causation_id.into());
+        self
+    }
+
+    /// Executes the command at most once for `key` — e.g. the id of the event or message
+    /// that caused it, with the handler's name: `"{handler}/{event_id}"`. The first execution
+    /// that appends records the key in its own stream (`factline.handled-…`, see
+    /// [`handled_stream_for`]) in the same atomic append as the events; a later execution with
+    /// the key, or a concurrent one that loses the race, appends nothing and returns
+    /// [`Executed::already_handled`]. So a redelivered event is not applied twice, on every
+    /// backend, however long after. A command that decides no events records no key.
+    #[must_use]
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
         self
     }
 
@@ -214,6 +230,40 @@ pub struct Executed<A: Aggregate> {
     pub recorded: Vec<RecordedEvent>,
     /// How many times a concurrent write made the command run again.
     pub conflict_retries: u32,
+    /// True when the [idempotency key](ExecuteOptions::with_idempotency_key) was handled
+    /// before: nothing was decided or appended (`events` and `recorded` are empty).
+    pub already_handled: bool,
+}
+
+impl<A: Aggregate> Executed<A> {
+    /// Nothing done: the idempotency key was handled before (`loaded` is the state as loaded).
+    fn already_handled(loaded: Loaded<A>, conflict_retries: u32) -> Self {
+        Self {
+            state: loaded.state,
+            version: loaded.version,
+            events: Vec::new(),
+            recorded: Vec::new(),
+            conflict_retries,
+            already_handled: true,
+        }
+    }
+}
+
+/// Namespace of the UUIDv5 that names an idempotency key's stream.
+const HANDLED_NAMESPACE: factline_core::Uuid =
+    factline_core::Uuid::from_u128(0x6f1c_2d0a_9b47_4e85_a3d2_5c8e_17f0_b964);
+
+/// The event type of the record of a handled idempotency key.
+pub const COMMAND_HANDLED_EVENT_TYPE: &str = "CommandHandled";
+
+/// The stream that records that idempotency key `key` was handled:
+/// `factline.handled-{UUIDv5 of the key}` (category `factline.handled`, which persistent
+/// subscriptions skip).
+pub fn handled_stream_for(key: &str) -> StreamId {
+    let id = factline_core::Uuid::new_v5(&HANDLED_NAMESPACE, key.as_bytes()).simple();
+    // 16 + 32 ASCII characters: always a valid stream id.
+    StreamId::new(format!("factline.handled-{id}"))
+        .unwrap_or_else(|_| unreachable!("a short ASCII stream id is valid"))
 }
 
 impl<A> fmt::Debug for Executed<A>
@@ -357,8 +407,17 @@ impl<A: Aggregate> Repository<A> {
         let stream = stream_id_for::<A>(id).map_err(LoadError::from)?;
         let mut loaded = self.load_stream(&stream).await?;
         let metadata = options.event_metadata();
+        let handled = options
+            .idempotency_key
+            .as_deref()
+            .map(|key| (key, handled_stream_for(key)));
         let mut conflict_retries = 0;
         loop {
+            if let Some((_, handled_stream)) = &handled
+                && self.was_handled(handled_stream).await?
+            {
+                return Ok(Executed::already_handled(loaded, conflict_retries));
+            }
             let events = loaded
                 .state
                 .decide(&command)
@@ -370,6 +429,7 @@ impl<A: Aggregate> Repository<A> {
                     events,
                     recorded: Vec::new(),
                     conflict_retries,
+                    already_handled: false,
                 });
             }
             let appended = events
@@ -379,11 +439,47 @@ impl<A: Aggregate> Repository<A> {
             let expected = loaded
                 .version
                 .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-            match self
-                .events
-                .append(&stream, expected, appended.clone())
-                .await
-            {
+            let outcome = match &handled {
+                None => {
+                    self.events
+                        .append(&stream, expected, appended.clone())
+                        .await
+                }
+                Some((key, handled_stream)) => {
+                    let record = EventData::json(
+                        COMMAND_HANDLED_EVENT_TYPE,
+                        &serde_json::json!({ "key": key, "stream": stream.as_str() }),
+                    )
+                    .map_err(|source| {
+                        ExecuteError::Encode(EncodeError::Serialize {
+                            event_type: COMMAND_HANDLED_EVENT_TYPE,
+                            source,
+                        })
+                    })?
+                    .with_all_metadata(metadata.clone());
+                    self.events
+                        .append_multi(vec![
+                            AppendRequest::new(stream.clone(), expected, appended.clone()),
+                            AppendRequest::new(
+                                handled_stream.clone(),
+                                ExpectedVersion::NoStream,
+                                vec![record],
+                            ),
+                        ])
+                        .await
+                        .map(|mut results| results.swap_remove(0))
+                }
+            };
+            match outcome {
+                Err(AppendError::WrongExpectedVersion { stream: failed, .. })
+                    if handled
+                        .as_ref()
+                        .is_some_and(|(_, handled_stream)| *handled_stream == failed) =>
+                {
+                    // Another execution with the key got there first (or its record is
+                    // hidden by a delete, which still counts: the key is never reused).
+                    return Ok(Executed::already_handled(loaded, conflict_retries));
+                }
                 Ok(result) => {
                     let recorded = recorded_events(&stream, &result, appended)?;
                     let mut state = loaded.state;
@@ -399,6 +495,7 @@ impl<A: Aggregate> Repository<A> {
                         events,
                         recorded,
                         conflict_retries,
+                        already_handled: false,
                     });
                 }
                 Err(AppendError::WrongExpectedVersion {
@@ -424,6 +521,22 @@ impl<A: Aggregate> Repository<A> {
                 }
                 Err(error) => return Err(ExecuteError::Append(error)),
             }
+        }
+    }
+
+    /// True when the idempotency key whose stream is `handled_stream` was handled.
+    async fn was_handled(&self, handled_stream: &StreamId) -> Result<bool, LoadError> {
+        match self
+            .events
+            .read_stream(handled_stream, ReadStreamOptions::forwards().limit(1))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ReadStreamError::NotFound { .. }) => Ok(false),
+            Err(source) => Err(LoadError::Read {
+                stream: handled_stream.clone(),
+                source,
+            }),
         }
     }
 

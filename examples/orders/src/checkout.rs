@@ -14,8 +14,9 @@
 //! | `OrderCanceled` by the customer | compensates; refunds what was charged |
 //!
 //! The commands travel over a [`CommandBus`]; [`register_handlers`] adds the handlers that
-//! execute them on the [`Order`] and [`Payment`] aggregates. Handlers treat a command their
-//! aggregate has already answered (a redelivery) as done, so at-least-once delivery is safe.
+//! execute them on the [`Order`] and [`Payment`] aggregates, each at most once per message id
+//! (an idempotency key), so at-least-once delivery — a redelivery, or the saga sending a
+//! recorded command again after a restart — never applies a command twice.
 
 use std::{sync::Arc, time::Duration};
 
@@ -358,10 +359,12 @@ pub trait PaymentGateway: Send + Sync + 'static {
     fn available_cents<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, u64>;
 }
 
-/// Options of a command executed for a message: its correlation id, caused by it.
+/// Options of a command executed for a message: its correlation id, caused by it, and at
+/// most once per message id (the saga re-sends a command with the same id after a restart).
 fn caused_by(context: &MessageContext) -> ExecuteOptions {
     let mut options = ExecuteOptions::new()
         .with_causation_id(context.message_id.to_string())
+        .with_idempotency_key(format!("{}/{}", context.topic, context.message_id))
         .with_conflict_retries(3);
     if let Some(correlation_id) = context.correlation_id() {
         options = options.with_correlation_id(correlation_id);
@@ -370,7 +373,7 @@ fn caused_by(context: &MessageContext) -> ExecuteOptions {
 }
 
 /// A command's outcome as a handler result: a refusal by the aggregate is the answer (logged,
-/// acked — e.g. a redelivered command already applied), anything else is retried.
+/// acked — e.g. shipping an order canceled meanwhile), anything else is retried.
 fn settle<E: std::error::Error + Send + Sync + 'static>(
     command: &'static str,
     outcome: Result<(), ExecuteError<E>>,

@@ -312,3 +312,35 @@ async fn a_timeout_survives_a_restart_of_the_embedded_store() {
     shop.router.shutdown().await;
     log.close().await;
 }
+
+#[tokio::test]
+async fn a_command_sent_twice_with_one_message_id_is_applied_once() {
+    use factline::messaging::{MessageId, Metadata};
+    use factline_example_orders::checkout::RecordPayment;
+
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryStore::new());
+    let (funds, _open) = gateway(Some(10_000));
+    let shop = shop(store.clone(), funds).await;
+    place(&store, "3", 2_500).await;
+    let payment = RecordPayment {
+        order_id: "3".into(),
+        amount_cents: 1_000,
+    };
+    // As the saga does after a restart: the same command again, with the id it recorded.
+    let id = MessageId::new_v7();
+    for _ in 0..2 {
+        shop.bus
+            .send_with_id(&payment, id.clone(), Metadata::new())
+            .await
+            .unwrap();
+    }
+    let later = RecordPayment {
+        order_id: "3".into(),
+        amount_cents: 500,
+    };
+    shop.bus.send(&later).await.unwrap();
+    until(1_500, || async { order(&store, "3").await.paid_cents }).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(order(&store, "3").await.paid_cents, 1_500, "not 2,500");
+    shop.router.shutdown().await;
+}
