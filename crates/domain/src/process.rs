@@ -764,6 +764,10 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
                 })?;
             *saved = Some(position);
         }
+        if let Ok(Some(head)) = self.store.head_position().await {
+            metrics::gauge!("factline_process_lag_positions", "process" => P::CATEGORY)
+                .set(head.value().saturating_sub(position.value()) as f64);
+        }
         Ok(())
     }
 
