@@ -65,12 +65,18 @@ pub trait CheckpointStore: Send + Sync {
     /// a name never saved is not an error.
     async fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError>;
 
-    /// The saved checkpoints in name order, at most `count_max` of them (what a status page
-    /// shows: projections, process managers, subscribers and how far each has come).
+    /// The saved checkpoints in name order (by bytes), at most `count_max` of them (what a
+    /// status page shows: projections, process managers, subscribers and how far each has
+    /// come). The default answers that this store cannot list.
     async fn list_checkpoints(
         &self,
         count_max: usize,
-    ) -> Result<Vec<(String, Position)>, CheckpointError>;
+    ) -> Result<Vec<(String, Position)>, CheckpointError> {
+        let _ = count_max;
+        Err(CheckpointError::Storage(StorageError::backend(
+            std::io::Error::other("this checkpoint store cannot list its checkpoints"),
+        )))
+    }
 }
 
 /// Checkpoints in memory (lost with the process).

@@ -33,9 +33,9 @@ use std::{
 
 use factline_core::{
     AppendError, CheckpointError, CheckpointStore, EventData, EventFilter, EventStore,
-    ExpectedVersion, Metadata, MetadataError, Position, ReadStreamError, ReadStreamOptions,
-    RecordedEvent, Revision, StorageError, StreamId, SubscribeError, SubscribeFrom,
-    SubscriptionError, Timestamp, Uuid,
+    ExpectedVersion, Metadata, MetadataError, Position, ReadAllError, ReadAllOptions,
+    ReadStreamError, ReadStreamOptions, RecordedEvent, Revision, StorageError, StreamId,
+    SubscribeError, SubscribeFrom, SubscriptionError, Timestamp, Uuid,
 };
 use factline_messaging::{
     MessageId, Metadata as MessageMetadata,
@@ -480,10 +480,17 @@ struct TimeoutSettled {
     id: Uuid,
 }
 
+/// One part of a compaction: the first part replaces every earlier entry, the rest add to it.
 #[derive(Debug, Serialize, Deserialize)]
 struct TimeoutsCompacted {
     pending: Vec<TimerEntry>,
+    #[serde(default)]
+    continued: bool,
 }
+
+/// Pending timeouts per compaction record (about 140 bytes each, far below the default event
+/// size limit of 1 MiB).
+const COMPACTED_ENTRIES_PER_RECORD: usize = 1_000;
 
 /// An instance as loaded from its stream.
 #[derive(Debug)]
@@ -568,8 +575,9 @@ pub struct ProcessStopped {
 
 /// Runs a [`ProcessManager`] over an [`EventStore`]: inputs from `$all` after its
 /// checkpoint, its timeouts, its commands into a [`CommandSink`]. Run one runner per process
-/// manager at a time (a second one is safe — appends are guarded by expected revisions — but
-/// sends commands twice).
+/// manager at a time (a second one never makes an instance react twice — appends are guarded
+/// by expected revisions — but it sends commands twice and its compactions race the other's
+/// timeouts).
 pub struct ProcessManagerRunner<P: ProcessManager> {
     store: Arc<dyn EventStore>,
     checkpoints: Arc<dyn CheckpointStore>,
@@ -649,10 +657,14 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         })
     }
 
-    /// Sets how it checkpoints and sends.
+    /// Sets how it checkpoints and sends (out-of-range values are brought into range).
     #[must_use]
     pub fn options(mut self, options: ProcessOptions) -> Self {
-        self.options = options;
+        let checkpoint_every_events = options.checkpoint_every_events;
+        let send_attempts_max = options.send_attempts_max;
+        self.options = options
+            .checkpoint_every_events(checkpoint_every_events)
+            .send_attempts_max(send_attempts_max);
         self
     }
 
@@ -693,19 +705,23 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         let mut saved = start;
         let mut since_saved = 0u64;
         let mut stop = std::pin::pin!(stop);
+        // Set when a due timeout waits for inputs recorded before its due time.
+        let mut inputs_first = false;
         let outcome = loop {
-            let due_in = self.next_due_in();
+            let due_in = self.next_due_in().filter(|_| !inputs_first);
             let next = tokio::select! {
                 biased;
                 () = &mut stop => break Ok(()),
                 () = tokio::time::sleep(due_in.unwrap_or_default()), if due_in.is_some() => {
-                    if let Err(error) = self.fire_due().await {
-                        break Err(error);
+                    match self.fire_due(position).await {
+                        Ok(fired_all) => inputs_first = !fired_all,
+                        Err(error) => break Err(error),
                     }
                     continue;
                 }
                 next = subscription.next() => next,
             };
+            inputs_first = false;
             let event = match next {
                 Some(Ok(event)) => event,
                 Some(Err(SubscriptionError::Storage(source))) => {
@@ -865,6 +881,18 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
 
     /// Folds the timeout index into the timers.
     async fn load_index(&mut self) -> Result<(), ProcessError<P::Error>> {
+        let (timers, settled) = self.fold_index().await?;
+        self.timers = timers;
+        self.settled_since_compaction = settled;
+        self.pending_gauge();
+        Ok(())
+    }
+
+    /// The pending entries of the timeout index as stored, and the settled entries since its
+    /// last compaction.
+    async fn fold_index(
+        &self,
+    ) -> Result<(BTreeMap<(i64, Uuid), TimerEntry>, u64), ProcessError<P::Error>> {
         let mut timers = BTreeMap::new();
         let mut settled = 0u64;
         let index_stream = self.index_stream.clone();
@@ -897,9 +925,11 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
                     let compacted: TimeoutsCompacted = recorded
                         .data_json()
                         .map_err(|error| decode_error(recorded, error.to_string()))?;
-                    timers.clear();
-                    by_id.clear();
-                    settled = 0;
+                    if !compacted.continued {
+                        timers.clear();
+                        by_id.clear();
+                        settled = 0;
+                    }
                     for entry in compacted.pending {
                         by_id.insert(entry.id, (entry.due_at_us, entry.id));
                         timers.insert((entry.due_at_us, entry.id), entry);
@@ -915,10 +945,7 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
             Ok(())
         })
         .await?;
-        self.timers = timers;
-        self.settled_since_compaction = settled;
-        self.pending_gauge();
-        Ok(())
+        Ok((timers, settled))
     }
 
     fn pending_gauge(&self) {
@@ -958,8 +985,48 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         })
     }
 
-    /// Fires every timer that is due.
-    async fn fire_due(&mut self) -> Result<(), ProcessError<P::Error>> {
+    /// True when an input after `handled` (the last input handled) was recorded at or before
+    /// `due_at_us`: a timeout due then must wait until the runner has handled it (a payment
+    /// recorded in time beats its timeout, however late the runner reads it).
+    async fn input_recorded_by(
+        &self,
+        handled: Option<Position>,
+        due_at_us: i64,
+    ) -> Result<bool, ProcessError<P::Error>> {
+        let mut options = ReadAllOptions::forwards().limit(1).filter(P::filter());
+        if let Some(handled) = handled {
+            options = options.from(handled.next());
+        }
+        loop {
+            let page = self
+                .store
+                .read_all(options.clone())
+                .await
+                .map_err(|error| ProcessError::Store {
+                    process: P::CATEGORY,
+                    source: match error {
+                        ReadAllError::Storage(source) => source,
+                        other => StorageError::backend(other),
+                    },
+                })?;
+            if let Some(event) = page.events.first() {
+                return Ok(event.recorded_at.as_unix_micros() <= due_at_us);
+            }
+            if page.is_end {
+                return Ok(false);
+            }
+            // A filtered page may come back empty before the end (bounded work per read).
+            options = options.from(page.next_position);
+        }
+    }
+
+    /// Fires the timers that are due, in due order, each only once every input recorded by
+    /// its due time is handled (`handled`: the last input handled). False when one waits for
+    /// inputs.
+    async fn fire_due(
+        &mut self,
+        handled: Option<Position>,
+    ) -> Result<bool, ProcessError<P::Error>> {
         let now = Timestamp::now().as_unix_micros();
         while let Some(entry) = self
             .timers
@@ -968,6 +1035,9 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         {
             if entry.due_at_us > now {
                 break;
+            }
+            if self.input_recorded_by(handled, entry.due_at_us).await? {
+                return Ok(false);
             }
             self.fire(&entry).await?;
             self.timers.remove(&(entry.due_at_us, entry.id));
@@ -979,16 +1049,33 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
             }
             self.pending_gauge();
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Writes the pending timers as one record and hides the index's older records.
+    /// Writes the pending entries of the index (as stored, so that entries another runner
+    /// wrote are kept) as compaction records in one append, and hides the older records.
     async fn compact_index(&mut self) -> Result<(), ProcessError<P::Error>> {
-        let pending: Vec<TimerEntry> = self.timers.values().cloned().collect();
-        let record = self.index_record(TIMEOUTS_COMPACTED, &TimeoutsCompacted { pending })?;
+        let (timers, _) = self.fold_index().await?;
+        let pending: Vec<TimerEntry> = timers.values().cloned().collect();
+        let mut records = Vec::new();
+        for (part, chunk) in pending.chunks(COMPACTED_ENTRIES_PER_RECORD).enumerate() {
+            let compacted = TimeoutsCompacted {
+                pending: chunk.to_vec(),
+                continued: part > 0,
+            };
+            records.push(self.index_record(TIMEOUTS_COMPACTED, &compacted)?);
+        }
+        if records.is_empty() {
+            let empty = TimeoutsCompacted {
+                pending: Vec::new(),
+                continued: false,
+            };
+            records.push(self.index_record(TIMEOUTS_COMPACTED, &empty)?);
+        }
+        let parts = records.len() as u64;
         let appended = self
             .store
-            .append(&self.index_stream, ExpectedVersion::Any, vec![record])
+            .append(&self.index_stream, ExpectedVersion::Any, records)
             .await
             .map_err(|source| ProcessError::Append {
                 process: P::CATEGORY,
@@ -1007,11 +1094,14 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
             .stream_metadata(&self.index_stream)
             .await
             .map_err(metadata_error)?;
-        metadata.truncate_before = Some(appended.next_expected_version);
+        // The first compaction record: every part of it stays visible.
+        metadata.truncate_before =
+            Some(Revision(appended.next_expected_version.value() + 1 - parts));
         self.store
             .set_stream_metadata(&self.index_stream, metadata)
             .await
             .map_err(metadata_error)?;
+        self.timers = timers;
         self.settled_since_compaction = 0;
         Ok(())
     }
@@ -1024,7 +1114,13 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
             key: entry.key.clone(),
         };
         for _ in 0..APPEND_ATTEMPTS_MAX {
-            let instance = self.load_stream(&stream).await?;
+            let instance = match self.load_stream(&stream).await {
+                Err(error) if is_tombstoned(&error) => {
+                    tracing::warn!(process = P::CATEGORY, stream = %stream, "a timeout of a tombstoned instance is dropped");
+                    return Ok(());
+                }
+                loaded => loaded?,
+            };
             let pending = instance
                 .pending
                 .get(&entry.key)
@@ -1125,7 +1221,13 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
             causation_id: event.id.to_string(),
         };
         for _ in 0..APPEND_ATTEMPTS_MAX {
-            let instance = self.load_stream(&stream).await?;
+            let instance = match self.load_stream(&stream).await {
+                Err(error) if is_tombstoned(&error) => {
+                    tracing::warn!(process = P::CATEGORY, stream = %stream, position = event.position.value(), "an input for a tombstoned instance is passed over");
+                    return Ok(());
+                }
+                loaded => loaded?,
+            };
             if instance
                 .last_input_position
                 .is_some_and(|last| last >= event.position.value())
@@ -1309,6 +1411,17 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         }
         Ok(())
     }
+}
+
+/// True for the error of reading a tombstoned instance stream.
+fn is_tombstoned<E: std::error::Error + Send + Sync + 'static>(error: &ProcessError<E>) -> bool {
+    matches!(
+        error,
+        ProcessError::Read {
+            source: ReadStreamError::Deleted { .. },
+            ..
+        }
+    )
 }
 
 /// The correlation and causation ids a reaction's events and commands carry.

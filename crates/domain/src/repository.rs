@@ -154,7 +154,9 @@ impl ExecuteOptions {
     /// [`handled_stream_for`]) in the same atomic append as the events; a later execution with
     /// the key, or a concurrent one that loses the race, appends nothing and returns
     /// [`Executed::already_handled`]. So a redelivered event is not applied twice, on every
-    /// backend, however long after. A command that decides no events records no key.
+    /// backend, however long after — as long as the key's stream keeps its event: never set
+    /// retention on, or delete, the `factline.handled` streams (a hidden record is no record,
+    /// and the key would be applied again). A command that decides no events records no key.
     #[must_use]
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
@@ -457,17 +459,26 @@ impl<A: Aggregate> Repository<A> {
                         })
                     })?
                     .with_all_metadata(metadata.clone());
+                    // The key's part first: the store reports the first failing part, so a
+                    // concurrent execution that got there first shows as the key's conflict
+                    // (already handled), not as the aggregate's.
                     self.events
                         .append_multi(vec![
-                            AppendRequest::new(stream.clone(), expected, appended.clone()),
                             AppendRequest::new(
                                 handled_stream.clone(),
                                 ExpectedVersion::NoStream,
                                 vec![record],
                             ),
+                            AppendRequest::new(stream.clone(), expected, appended.clone()),
                         ])
                         .await
-                        .map(|mut results| results.swap_remove(0))
+                        .and_then(|results| {
+                            results.into_iter().nth(1).ok_or_else(|| {
+                                AppendError::Storage(StorageError::backend(std::io::Error::other(
+                                    "append_multi answered fewer results than parts",
+                                )))
+                            })
+                        })
                 }
             };
             match outcome {
@@ -476,8 +487,7 @@ impl<A: Aggregate> Repository<A> {
                         .as_ref()
                         .is_some_and(|(_, handled_stream)| *handled_stream == failed) =>
                 {
-                    // Another execution with the key got there first (or its record is
-                    // hidden by a delete, which still counts: the key is never reused).
+                    // Another execution with the key got there first.
                     return Ok(Executed::already_handled(loaded, conflict_retries));
                 }
                 Ok(result) => {

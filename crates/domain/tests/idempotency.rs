@@ -108,7 +108,9 @@ async fn concurrent_executions_of_one_key_apply_it_once() {
             .map(|_| {
                 let accounts = accounts.clone();
                 let key = key.clone();
-                tokio::spawn(async move { accounts.execute("1", deposit(1), keyed(&key)).await })
+                // No conflict retries: the losers must see the key, not a conflict.
+                let options = ExecuteOptions::new().with_idempotency_key(&key);
+                tokio::spawn(async move { accounts.execute("1", deposit(1), options).await })
             })
             .collect();
         let mut applied = 0;

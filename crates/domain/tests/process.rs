@@ -622,35 +622,198 @@ async fn the_timeout_index_is_compacted_and_keeps_what_is_pending() {
             )
             .await;
     }
-    // One more whose timeout stays pending through the compaction.
-    setup
-        .append(
-            "order-late",
-            Input::OrderPlaced {
-                amount: 1,
-                payment_timeout_ms: 3_600_000,
-            },
-            "late",
-        )
-        .await;
+    // More whose timeouts stay pending through the compaction: more than one compaction
+    // record holds.
+    let late = 1_500;
+    for n in 0..late {
+        setup
+            .append(
+                &format!("order-late{n}"),
+                Input::OrderPlaced {
+                    amount: 1,
+                    payment_timeout_ms: 3_600_000,
+                },
+                "late",
+            )
+            .await;
+    }
     let running = start(setup.runner(&sink));
-    let expected = 2 * orders + 1;
+    let expected = 2 * orders + late;
     eventually("every command", || sink.sent().len() == expected).await;
     let stopped = running.stop().await;
-    assert_eq!(stopped.timeouts_pending, 1);
+    assert_eq!(stopped.timeouts_pending, late);
 
     let index = timeout_index_stream("checkout").unwrap();
     let metadata = setup.store.stream_metadata(&index).await.unwrap();
     assert!(metadata.truncate_before.is_some(), "{metadata:?}");
     let visible = setup.types_of(index.as_str()).await;
     assert!(
-        visible.len() < 20 && visible[0] == "TimeoutsCompacted",
+        visible.len() < 20 && visible[..2] == ["TimeoutsCompacted", "TimeoutsCompacted"],
         "{visible:?}"
     );
-    // A restart reads the compacted index: the late timeout is still pending.
+    // A restart reads the compacted index: the late timeouts are still pending.
     let running = start(setup.runner(&sink));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(running.stop().await.timeouts_pending, 1);
-    let late = setup.runner(&sink).load("late").await.unwrap();
-    assert!(late.pending_timeouts.contains_key("payment"));
+    assert_eq!(running.stop().await.timeouts_pending, late);
+    let one = setup.runner(&sink).load("late7").await.unwrap();
+    assert!(one.pending_timeouts.contains_key("payment"));
+}
+
+/// The in-memory store with subscriptions that take `delay` per event, like a store whose
+/// reads wait on I/O: a due timer then competes with inputs the runner has not read yet.
+struct SlowSubscriptions {
+    inner: InMemoryStore,
+    delay: Duration,
+}
+
+#[factline_core::async_trait]
+impl EventStore for SlowSubscriptions {
+    fn limits(&self) -> &factline_core::Limits {
+        self.inner.limits()
+    }
+    async fn append_multi(
+        &self,
+        requests: Vec<factline_core::AppendRequest>,
+    ) -> Result<Vec<factline_core::AppendResult>, factline_core::AppendError> {
+        self.inner.append_multi(requests).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        options: ReadStreamOptions,
+    ) -> Result<factline_core::StreamSlice, factline_core::ReadStreamError> {
+        self.inner.read_stream(stream, options).await
+    }
+    async fn read_all(
+        &self,
+        options: factline_core::ReadAllOptions,
+    ) -> Result<factline_core::AllSlice, factline_core::ReadAllError> {
+        self.inner.read_all(options).await
+    }
+    async fn head_position(
+        &self,
+    ) -> Result<Option<factline_core::Position>, factline_core::StorageError> {
+        self.inner.head_position().await
+    }
+    async fn subscribe_to_stream(
+        &self,
+        stream: &StreamId,
+        from: factline_core::SubscribeFrom<factline_core::Revision>,
+    ) -> Result<factline_core::Subscription, factline_core::SubscribeError> {
+        self.inner.subscribe_to_stream(stream, from).await
+    }
+    async fn subscribe_to_all(
+        &self,
+        from: factline_core::SubscribeFrom<factline_core::Position>,
+        filter: factline_core::EventFilter,
+    ) -> Result<factline_core::Subscription, factline_core::SubscribeError> {
+        use futures::StreamExt as _;
+        let delay = self.delay;
+        let inner = self.inner.subscribe_to_all(from, filter).await?;
+        Ok(factline_core::Subscription::new(inner.then(
+            move |event| async move {
+                tokio::time::sleep(delay).await;
+                event
+            },
+        )))
+    }
+    async fn stream_metadata(
+        &self,
+        stream: &StreamId,
+    ) -> Result<factline_core::StreamMetadata, factline_core::MetadataError> {
+        self.inner.stream_metadata(stream).await
+    }
+    async fn set_stream_metadata(
+        &self,
+        stream: &StreamId,
+        metadata: factline_core::StreamMetadata,
+    ) -> Result<(), factline_core::MetadataError> {
+        self.inner.set_stream_metadata(stream, metadata).await
+    }
+    async fn delete_stream(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        mode: factline_core::DeleteMode,
+    ) -> Result<(), factline_core::DeleteError> {
+        self.inner.delete_stream(stream, expected, mode).await
+    }
+}
+
+#[tokio::test]
+async fn an_input_recorded_before_the_due_time_wins_even_when_read_after_it() {
+    let setup = Setup::new();
+    let sink = Arc::new(RecordingSink::default());
+    setup
+        .append(
+            "order-p",
+            Input::OrderPlaced {
+                amount: 5,
+                payment_timeout_ms: 300,
+            },
+            "p",
+        )
+        .await;
+    let running = start(setup.runner(&sink));
+    eventually("the charge", || sink.sent().len() == 1).await;
+    running.stop().await;
+    // The payment comes in time, but no runner reads it before the timeout is due.
+    setup.append("payment-p", Input::PaymentCharged, "p").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A runner whose store takes 20 ms per event read: the timer is due all that time.
+    let after = Arc::new(RecordingSink::default());
+    let slow = Arc::new(SlowSubscriptions {
+        inner: (*setup.store).clone(),
+        delay: Duration::from_millis(20),
+    });
+    let runner = ProcessManagerRunner::<Checkout>::new(
+        slow,
+        setup.checkpoints.clone() as Arc<dyn CheckpointStore>,
+        after.clone() as Arc<dyn CommandSink>,
+    )
+    .unwrap();
+    let running = start(runner);
+    eventually("the shipment", || !after.sent().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = running.stop().await;
+    assert_eq!(after.sent_types(), ["ShipOrder:p"], "no cancellation");
+    assert_eq!(stopped.timeouts_pending, 0, "the canceled timeout settled");
+    let checkout = setup.runner(&sink).load("p").await.unwrap();
+    assert_eq!(checkout.state.stage, Stage::Paid);
+}
+
+#[tokio::test]
+async fn a_tombstoned_instance_does_not_stop_the_runner() {
+    let setup = Setup::new();
+    let sink = Arc::new(RecordingSink::default());
+    setup
+        .append(
+            "order-t",
+            Input::OrderPlaced {
+                amount: 5,
+                payment_timeout_ms: 100,
+            },
+            "t",
+        )
+        .await;
+    let running = start(setup.runner(&sink));
+    eventually("the charge", || sink.sent().len() == 1).await;
+    running.stop().await;
+    setup
+        .store
+        .delete_stream(
+            &StreamId::new("checkout-t").unwrap(),
+            ExpectedVersion::Any,
+            factline_core::DeleteMode::Tombstone,
+        )
+        .await
+        .unwrap();
+    // Its timeout comes due, and an input for it arrives: both are passed over.
+    setup.append("payment-t", Input::PaymentCharged, "t").await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let running = start(setup.runner(&sink));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running.handle.is_finished(), "the runner keeps running");
+    assert_eq!(running.stop().await.timeouts_pending, 0);
+    assert_eq!(sink.sent().len(), 1);
 }

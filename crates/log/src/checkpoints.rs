@@ -111,10 +111,20 @@ impl LogCheckpointStore {
         };
         let mut saved = Vec::new();
         for file in files.iter().filter(|file| file.ends_with(".ckpt")) {
-            if let Some((name, position)) = self.read_file(&self.dir.join(file))? {
-                let name = String::from_utf8(name)
-                    .map_err(|_| corrupt(&self.dir.join(file), "the name is not UTF-8"))?;
-                saved.push((name, position));
+            let path = self.dir.join(file);
+            let read = self.read_file(&path).and_then(|read| {
+                read.map(|(name, position)| {
+                    String::from_utf8(name)
+                        .map(|name| (name, position))
+                        .map_err(|_| corrupt(&path, "the name is not UTF-8"))
+                })
+                .transpose()
+            });
+            match read {
+                Ok(Some(checkpoint)) => saved.push(checkpoint),
+                Ok(None) => {}
+                // One damaged file does not hide the others (its own load reports it).
+                Err(error) => tracing::warn!(%error, "a checkpoint file is left out of the list"),
             }
         }
         saved.sort();

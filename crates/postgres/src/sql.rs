@@ -202,7 +202,7 @@ impl Sql {
                 "SELECT position FROM {s}.checkpoints WHERE name = $1"
             )),
             list_checkpoints: arc(format!(
-                "SELECT name, position FROM {s}.checkpoints ORDER BY name LIMIT $1"
+                "SELECT name, position FROM {s}.checkpoints ORDER BY name COLLATE \"C\" LIMIT $1"
             )),
             save_checkpoint: arc(format!(
                 "INSERT INTO {s}.checkpoints (name, position, updated_at) VALUES ($1, $2, now()) \

@@ -212,6 +212,8 @@ pub(crate) struct AppState {
     pub(crate) shutdown: Arc<watch::Sender<bool>>,
     /// The store's persistent subscription groups, opened at bind or on first use.
     pub(crate) persistent: Arc<tokio::sync::OnceCell<PersistentSubscriptions>>,
+    /// Who connected each persistent consumer this server serves (only they may settle).
+    pub(crate) consumer_owners: persistent::ConsumerOwners,
 }
 
 impl std::fmt::Debug for AppState {
@@ -363,6 +365,7 @@ fn router(
         options: Arc::new(options),
         shutdown,
         persistent,
+        consumer_owners: persistent::ConsumerOwners::default(),
     };
     let ui = ui::routes(state.clone());
     api::routes(state).merge(ui)

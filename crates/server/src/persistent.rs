@@ -5,7 +5,7 @@
 //! the consumer id the stream carries (header `factline-consumer-id` and every delivery). Managing groups and replaying parked events
 //! takes an admin token; consuming and settling take a read grant covering the group's source.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use axum::{
     Json,
@@ -41,6 +41,30 @@ use crate::{
 };
 
 /// The groups of the server's store, opened on first use.
+/// The caller that connected each consumer, by group and consumer id.
+pub(crate) type ConsumerOwners = Arc<std::sync::Mutex<HashMap<(String, u64), String>>>;
+
+/// Removes a consumer's owner when its SSE response ends.
+struct OwnerGuard {
+    owners: ConsumerOwners,
+    key: (String, u64),
+}
+
+impl Drop for OwnerGuard {
+    fn drop(&mut self) {
+        lock_owners(&self.owners).remove(&self.key);
+    }
+}
+
+fn lock_owners(
+    owners: &ConsumerOwners,
+) -> std::sync::MutexGuard<'_, HashMap<(String, u64), String>> {
+    // Every change is one insert or remove: a poisoned lock is still consistent.
+    owners
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub(crate) async fn subscriptions(state: &AppState) -> Result<&PersistentSubscriptions, ApiError> {
     state
         .persistent
@@ -621,10 +645,16 @@ pub(crate) async fn consume(
     let consumer = subscriptions.connect(&group, options).await?;
     tracing::debug!(group = %group, consumer = consumer.id().0, caller = caller.name(), "persistent consumer connected over SSE");
     let consumer_id = consumer.id().0;
+    let key = (group.clone(), consumer_id);
+    lock_owners(&state.consumer_owners).insert(key.clone(), caller.name().to_owned());
+    let owner = OwnerGuard {
+        owners: Arc::clone(&state.consumer_owners),
+        key,
+    };
     let gauge = metrics::SubscriberGauge::open();
     let deliveries = stream::unfold(
-        (consumer, permit, gauge),
-        |(mut consumer, permit, gauge)| async move {
+        (consumer, permit, gauge, owner),
+        |(mut consumer, permit, gauge, owner)| async move {
             let delivery = consumer.next().await?;
             metrics::event_sent(delivery.event.recorded_at);
             let json = DeliveryJson {
@@ -639,7 +669,7 @@ pub(crate) async fn consume(
             });
             Some((
                 Ok::<_, Infallible>(Event::default().data(data)),
-                (consumer, permit, gauge),
+                (consumer, permit, gauge, owner),
             ))
         },
     );
@@ -763,6 +793,17 @@ async fn settle(
 ) -> Result<Json<SettledJson>, ApiError> {
     let subscriptions = subscriptions(state).await?;
     require_consume(caller, subscriptions, group).await?;
+    let owner = lock_owners(&state.consumer_owners)
+        .get(&(group.to_owned(), consumer))
+        .cloned();
+    if owner.is_some_and(|owner| owner != caller.name()) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "consumer {consumer} of group {group} was connected by another caller; only it may settle its deliveries"
+            ),
+        ));
+    }
     let ids: Vec<DeliveryId> = ids.into_iter().map(DeliveryId).collect();
     let settled = subscriptions
         .settle(group, ConsumerId(consumer), &ids, nack)

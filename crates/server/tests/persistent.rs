@@ -393,6 +393,38 @@ async fn managing_groups_takes_an_admin_and_consuming_a_read_grant() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 403);
+    // Only the caller that connected a consumer may settle its deliveries.
+    let admins = server
+        .client
+        .get(server.url("/subscriptions/o/consume"))
+        .bearer_auth("admin-token-000000000001")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admins.status().as_u16(), 200);
+    let admins_id: u64 = admins.headers()["factline-consumer-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let settle = |token: &'static str| {
+        server
+            .client
+            .post(server.url("/subscriptions/o/nack"))
+            .bearer_auth(token)
+            .json(&json!({"consumer": admins_id, "ids": [1], "action": "skip"}))
+            .send()
+    };
+    let (status, body) = json_response(settle("orders-reader-token-0001").await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "another caller's consumer: {body}"
+    );
+    let (status, _) = json_response(settle("admin-token-000000000001").await.unwrap()).await;
+    assert_eq!(status, 200, "its own");
+    drop(admins);
+
     // Without a token: 401, on every endpoint.
     for (method, path) in [
         (reqwest::Method::GET, "/subscriptions"),
