@@ -798,6 +798,19 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         }
     }
 
+    /// The event at `recorded`'s place does not decode, for `reason`.
+    fn decode_error(
+        recorded: &RecordedEvent,
+        reason: impl std::fmt::Display,
+    ) -> ProcessError<P::Error> {
+        ProcessError::Decode {
+            process: P::CATEGORY,
+            stream: recorded.stream.clone(),
+            revision: recorded.revision,
+            reason: reason.to_string(),
+        }
+    }
+
     fn instance_stream(&self, id: &str) -> Result<StreamId, ProcessError<P::Error>> {
         StreamId::new(format!("{}-{id}", P::CATEGORY)).map_err(|error| {
             ProcessError::InvalidInstanceId {
@@ -850,24 +863,18 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         stream: &StreamId,
     ) -> Result<ProcessInstance<P>, ProcessError<P::Error>> {
         let mut instance = ProcessInstance::fresh((self.fresh)());
-        let decode_error = |recorded: &RecordedEvent, reason: String| ProcessError::Decode {
-            process: P::CATEGORY,
-            stream: recorded.stream.clone(),
-            revision: recorded.revision,
-            reason,
-        };
         let version = self
             .read_whole(stream, |recorded| {
                 if recorded.event_type.as_str() == REACTED_EVENT_TYPE {
                     let reacted: Reacted = recorded
                         .data_json()
-                        .map_err(|error| decode_error(recorded, error.to_string()))?;
+                        .map_err(|error| Self::decode_error(recorded, error))?;
                     instance.apply_reacted(reacted);
                 } else {
                     let event = self
                         .upcasters
                         .decode::<P::Event>(recorded)
-                        .map_err(|error| decode_error(recorded, error.to_string()))?;
+                        .map_err(|error| Self::decode_error(recorded, error))?;
                     instance.state.evolve(&event);
                 }
                 Ok(())
@@ -896,26 +903,20 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         let mut timers = BTreeMap::new();
         let mut settled = 0u64;
         let index_stream = self.index_stream.clone();
-        let decode_error = |recorded: &RecordedEvent, reason: String| ProcessError::Decode {
-            process: P::CATEGORY,
-            stream: recorded.stream.clone(),
-            revision: recorded.revision,
-            reason,
-        };
         let mut by_id: HashMap<Uuid, (i64, Uuid)> = HashMap::new();
         self.read_whole(&index_stream, |recorded| {
             match recorded.event_type.as_str() {
                 TIMEOUT_SCHEDULED => {
                     let entry: TimerEntry = recorded
                         .data_json()
-                        .map_err(|error| decode_error(recorded, error.to_string()))?;
+                        .map_err(|error| Self::decode_error(recorded, error))?;
                     by_id.insert(entry.id, (entry.due_at_us, entry.id));
                     timers.insert((entry.due_at_us, entry.id), entry);
                 }
                 TIMEOUT_SETTLED => {
                     let entry: TimeoutSettled = recorded
                         .data_json()
-                        .map_err(|error| decode_error(recorded, error.to_string()))?;
+                        .map_err(|error| Self::decode_error(recorded, error))?;
                     if let Some(key) = by_id.remove(&entry.id) {
                         timers.remove(&key);
                     }
@@ -924,7 +925,7 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
                 TIMEOUTS_COMPACTED => {
                     let compacted: TimeoutsCompacted = recorded
                         .data_json()
-                        .map_err(|error| decode_error(recorded, error.to_string()))?;
+                        .map_err(|error| Self::decode_error(recorded, error))?;
                     if !compacted.continued {
                         timers.clear();
                         by_id.clear();
@@ -936,9 +937,9 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
                     }
                 }
                 other => {
-                    return Err(decode_error(
+                    return Err(Self::decode_error(
                         recorded,
-                        format!("unknown timeout index record {other:?}"),
+                        format_args!("unknown timeout index record {other:?}"),
                     ));
                 }
             }
@@ -985,14 +986,13 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         })
     }
 
-    /// True when an input after `handled` (the last input handled) was recorded at or before
-    /// `due_at_us`: a timeout due then must wait until the runner has handled it (a payment
-    /// recorded in time beats its timeout, however late the runner reads it).
-    async fn input_recorded_by(
+    /// When the first input after `handled` (the last input handled) was recorded, if there is
+    /// one yet: a timeout due at or after then must wait until the runner has handled it (a
+    /// payment recorded in time beats its timeout, however late the runner reads it).
+    async fn first_unread_input_at(
         &self,
         handled: Option<Position>,
-        due_at_us: i64,
-    ) -> Result<bool, ProcessError<P::Error>> {
+    ) -> Result<Option<i64>, ProcessError<P::Error>> {
         let mut options = ReadAllOptions::forwards().limit(1).filter(P::filter());
         if let Some(handled) = handled {
             options = options.from(handled.next());
@@ -1010,10 +1010,10 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
                     },
                 })?;
             if let Some(event) = page.events.first() {
-                return Ok(event.recorded_at.as_unix_micros() <= due_at_us);
+                return Ok(Some(event.recorded_at.as_unix_micros()));
             }
             if page.is_end {
-                return Ok(false);
+                return Ok(None);
             }
             // A filtered page may come back empty before the end (bounded work per read).
             options = options.from(page.next_position);
@@ -1028,6 +1028,8 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
         handled: Option<Position>,
     ) -> Result<bool, ProcessError<P::Error>> {
         let now = Timestamp::now().as_unix_micros();
+        // Read once: what this loop appends is recorded now, after every due time it fires.
+        let first_unread = self.first_unread_input_at(handled).await?;
         while let Some(entry) = self
             .timers
             .first_key_value()
@@ -1036,7 +1038,7 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
             if entry.due_at_us > now {
                 break;
             }
-            if self.input_recorded_by(handled, entry.due_at_us).await? {
+            if first_unread.is_some_and(|recorded_at| recorded_at <= entry.due_at_us) {
                 return Ok(false);
             }
             self.fire(&entry).await?;
@@ -1196,14 +1198,7 @@ impl<P: ProcessManager> ProcessManagerRunner<P> {
             {
                 return Ok(());
             }
-            Err(error) => {
-                return Err(ProcessError::Decode {
-                    process: P::CATEGORY,
-                    stream: event.stream.clone(),
-                    revision: event.revision,
-                    reason: error.to_string(),
-                });
-            }
+            Err(error) => return Err(Self::decode_error(event, error)),
         };
         let Some(id) = P::correlate(&input, event) else {
             return Ok(());
