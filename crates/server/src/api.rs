@@ -307,10 +307,7 @@ async fn method_not_allowed() -> ApiError {
 fn stream_id(path: Result<Path<String>, PathRejection>) -> Result<StreamId, ApiError> {
     let Path(raw) =
         path.map_err(|rejection| ApiError::new(ErrorCode::InvalidStreamId, rejection.body_text()))?;
-    StreamId::new(&raw).map_err(|error| {
-        ApiError::new(ErrorCode::InvalidStreamId, error.to_string())
-            .with("reason", error.to_string())
-    })
+    StreamId::new(&raw).map_err(|error| ApiError::invalid_stream_id(&error))
 }
 
 pub(crate) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {

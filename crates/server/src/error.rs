@@ -203,6 +203,11 @@ impl ApiError {
         }
     }
 
+    /// A stream id the rules refuse, with the reason.
+    pub(crate) fn invalid_stream_id(error: &factline_core::StreamIdError) -> Self {
+        Self::new(ErrorCode::InvalidStreamId, error.to_string()).with("reason", error.to_string())
+    }
+
     pub(crate) fn limit(error: &LimitExceeded) -> Self {
         let mut api = Self::new(ErrorCode::LimitExceeded, error.to_string())
             .with("limit", error.limit.name())

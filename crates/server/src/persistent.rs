@@ -2,8 +2,10 @@
 //! `PUT|GET|DELETE /subscriptions/{group}`, consumed over Server-Sent Events
 //! (`GET /subscriptions/{group}/consume`: the connection is the consumer; closing it hands its
 //! unsettled deliveries back), and settled with `POST /subscriptions/{group}/ack|nack` naming
-//! the consumer id the stream carries (header `factline-consumer-id` and every delivery). Managing groups and replaying parked events
-//! takes an admin token; consuming and settling take a read grant covering the group's source.
+//! the consumer id the stream carries (header `factline-consumer-id` and every delivery).
+//! Managing groups and replaying parked events takes an admin token; consuming and settling
+//! take a read grant covering the group's source, and settling is for the caller that
+//! connected the consumer.
 
 use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
@@ -40,7 +42,6 @@ use crate::{
     metrics,
 };
 
-/// The groups of the server's store, opened on first use.
 /// The caller that connected each consumer, by group and consumer id.
 pub(crate) type ConsumerOwners = Arc<std::sync::Mutex<HashMap<(String, u64), String>>>;
 
@@ -65,6 +66,7 @@ fn lock_owners(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The groups of the server's store, opened on first use.
 pub(crate) async fn subscriptions(state: &AppState) -> Result<&PersistentSubscriptions, ApiError> {
     state
         .persistent
@@ -218,10 +220,8 @@ impl NewGroup {
                 },
             },
             SourceJson::Stream { stream } => PersistentSource::Stream {
-                stream: StreamId::new(&stream).map_err(|error| {
-                    ApiError::new(ErrorCode::InvalidStreamId, error.to_string())
-                        .with("reason", error.to_string())
-                })?,
+                stream: StreamId::new(&stream)
+                    .map_err(|error| ApiError::invalid_stream_id(&error))?,
             },
         };
         let start = match self.from.as_deref() {
