@@ -73,12 +73,7 @@ impl Opened {
             })?;
             return Ok(Self::Postgres(store));
         }
-        if !at.data.join("segments").is_dir() {
-            bail!(
-                "{} holds no factline log (no segments folder)",
-                at.data.display()
-            );
-        }
+        crate::require_log_dir(&at.data)?;
         let log = LogStore::open(&at.data)
             .await
             .with_context(|| format!("opening the data directory {}", at.data.display()))?;

@@ -131,14 +131,20 @@ fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
-fn verify(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
+/// Fails unless `data` holds a factline log (a command that reads one must not create it).
+pub(crate) fn require_log_dir(data: &std::path::Path) -> anyhow::Result<()> {
     if !data.join("segments").is_dir() {
         anyhow::bail!(
             "{} holds no factline log (no segments folder)",
             data.display()
         );
     }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn verify(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    require_log_dir(data)?;
     // The check reads every record; a spinner with the elapsed time shows it is working.
     let spinner = indicatif::ProgressBar::new_spinner();
     if let Ok(style) = indicatif::ProgressStyle::with_template("verify {spinner} {elapsed} {msg}") {
