@@ -22,7 +22,7 @@ use std::{sync::Arc, time::Duration};
 
 use factline::EventStore;
 use factline::domain::{
-    DomainEvent, ExecuteError, ExecuteOptions, ProcessManager, Reaction, Repository,
+    Aggregate, DomainEvent, ExecuteError, ExecuteOptions, ProcessManager, Reaction, Repository,
 };
 use factline::messaging::{
     HandlerError,
@@ -32,8 +32,8 @@ use factline::{RecordedEvent, category_of};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::payment::{Payment, PaymentCommand, PaymentError};
-use crate::{Order, OrderCommand, OrderError};
+use crate::payment::{Payment, PaymentCommand};
+use crate::{Order, OrderCommand};
 
 /// Charge the payment of an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,16 +372,20 @@ fn caused_by(context: &MessageContext) -> ExecuteOptions {
     options
 }
 
-/// A command's outcome as a handler result: a refusal by the aggregate is the answer (logged,
-/// acked — e.g. shipping an order canceled meanwhile), anything else is retried.
-fn settle<E: std::error::Error + Send + Sync + 'static>(
-    command: &'static str,
-    outcome: Result<(), ExecuteError<E>>,
+/// Executes `command` on the aggregate `id` for the message of `context`, and makes the
+/// outcome a handler result: a refusal by the aggregate is the answer (logged, acked — e.g.
+/// shipping an order canceled meanwhile), anything else is retried.
+async fn execute<A: Aggregate>(
+    repository: &Repository<A>,
+    id: &str,
+    command: A::Command,
+    context: &MessageContext,
 ) -> Result<(), HandlerError> {
-    match outcome {
-        Ok(()) => Ok(()),
+    match repository.execute(id, command, caused_by(context)).await {
+        Ok(_) => Ok(()),
         Err(ExecuteError::Rejected(reason)) => {
-            tracing::info!(command, %reason, "command refused by its aggregate");
+            let message_type = context.message_type().unwrap_or_default();
+            tracing::info!(command = message_type, %reason, "command refused by its aggregate");
             Ok(())
         }
         Err(other) => Err(HandlerError::new(other)),
@@ -408,24 +412,20 @@ pub fn register_handlers(
                     amount_cents: command.amount_cents,
                     available_cents,
                 };
-                let outcome = payments
-                    .execute(&command.order_id, charge, caused_by(&context))
-                    .await;
-                settle::<PaymentError>("ChargePayment", outcome.map(drop))
+                execute(&payments, &command.order_id, charge, &context).await
             }
         })?;
     }
     processor.add_handler(move |command: RefundPayment, context: MessageContext| {
         let payments = payments.clone();
         async move {
-            let outcome = payments
-                .execute(
-                    &command.order_id,
-                    PaymentCommand::Refund,
-                    caused_by(&context),
-                )
-                .await;
-            settle::<PaymentError>("RefundPayment", outcome.map(drop))
+            execute(
+                &payments,
+                &command.order_id,
+                PaymentCommand::Refund,
+                &context,
+            )
+            .await
         }
     })?;
     {
@@ -436,10 +436,7 @@ pub fn register_handlers(
                 let pay = OrderCommand::ReceivePayment {
                     amount_cents: command.amount_cents,
                 };
-                let outcome = orders
-                    .execute(&command.order_id, pay, caused_by(&context))
-                    .await;
-                settle::<OrderError>("RecordPayment", outcome.map(drop))
+                execute(&orders, &command.order_id, pay, &context).await
             }
         })?;
     }
@@ -448,14 +445,13 @@ pub fn register_handlers(
         processor.add_handler(move |command: ShipOrder, context: MessageContext| {
             let orders = orders.clone();
             async move {
-                let outcome = orders
-                    .execute(
-                        &command.order_id,
-                        OrderCommand::ShipOrder,
-                        caused_by(&context),
-                    )
-                    .await;
-                settle::<OrderError>("ShipOrder", outcome.map(drop))
+                execute(
+                    &orders,
+                    &command.order_id,
+                    OrderCommand::ShipOrder,
+                    &context,
+                )
+                .await
             }
         })?;
     }
@@ -465,10 +461,7 @@ pub fn register_handlers(
             let cancel = OrderCommand::CancelOrder {
                 reason: command.reason,
             };
-            let outcome = orders
-                .execute(&command.order_id, cancel, caused_by(&context))
-                .await;
-            settle::<OrderError>("CancelOrder", outcome.map(drop))
+            execute(&orders, &command.order_id, cancel, &context).await
         }
     })?;
     Ok(())
