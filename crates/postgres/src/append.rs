@@ -22,7 +22,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use factline_core::{
     AppendError, AppendRequest, AppendResult, EventData, MultiDecision, Position, RecordedEvent,
-    Revision, StorageError, StreamView, Timestamp, category_of, decide_append_multi,
+    Revision, StorageError, StreamView, Timestamp, decide_append_multi,
 };
 use sqlx::{AssertSqlSafe, PgConnection};
 use time::OffsetDateTime;
@@ -99,14 +99,13 @@ struct Columns<'a> {
     revisions: Vec<i64>,
     ids: Vec<Uuid>,
     types: Vec<&'a str>,
-    categories: Vec<&'a str>,
     content_types: Vec<i16>,
     data: Vec<&'a [u8]>,
     metadata: Vec<Option<Vec<u8>>>,
 }
 
 impl<'a> Columns<'a> {
-    /// Binds the nine column arrays as `$1..$9`, as both write statements take them.
+    /// Binds the eight column arrays as `$1..$8`, as both write statements take them.
     fn bind<'q>(
         &'q self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -117,7 +116,6 @@ impl<'a> Columns<'a> {
             .bind(&self.revisions)
             .bind(&self.ids)
             .bind(&self.types)
-            .bind(&self.categories)
             .bind(&self.content_types)
             .bind(&self.data)
             .bind(&self.metadata)
@@ -584,9 +582,6 @@ fn push<'a>(
     columns.revisions.push(to_sql(revision.value()));
     columns.ids.push(event.id);
     columns.types.push(event.event_type.as_str());
-    columns
-        .categories
-        .push(category_of(request.stream.as_str()));
     columns.content_types.push(content_code(event.content_type));
     columns.data.push(&event.data);
     columns.metadata.push(encode_metadata(&event.metadata));

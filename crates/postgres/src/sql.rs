@@ -41,21 +41,21 @@ pub(crate) struct Sql {
 }
 
 /// The data-modifying CTE both write statements share: insert the events from the column arrays
-/// `$1..$9`, with `recorded_at` as the recorded time and `from` prefixed to the `FROM` (to join a
+/// `$1..$8`, with `recorded_at` as the recorded time and `from` prefixed to the `FROM` (to join a
 /// CTE that must have produced a row). A stream's head is its highest stored revision, so
 /// nothing else is written per stream.
 fn insert_events_cte(s: &str, recorded_at: &str, from: &str) -> String {
     format!(
         "appended AS (
              INSERT INTO {s}.events
-                 (position, stream, revision, id, event_type, category, content_type,
+                 (position, stream, revision, id, event_type, content_type,
                   data, metadata, recorded_at)
-             SELECT e.position, e.stream, e.revision, e.id, e.event_type, e.category,
+             SELECT e.position, e.stream, e.revision, e.id, e.event_type,
                     e.content_type, e.data, e.metadata, {recorded_at}
              FROM {from}
                   unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[],
-                         $6::text[], $7::smallint[], $8::bytea[], $9::bytea[])
-                  AS e(position, stream, revision, id, event_type, category,
+                         $6::smallint[], $7::bytea[], $8::bytea[])
+                  AS e(position, stream, revision, id, event_type,
                        content_type, data, metadata)
          )"
     )
@@ -108,13 +108,13 @@ impl Sql {
                 "SELECT e.stream, e.id, e.revision, e.position, e.recorded_at \
                  FROM unnest($1::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e"
             )),
-            // $10: the recorded time.
+            // $9: the recorded time.
             write: arc(format!(
                 "WITH {}
                  UPDATE {s}.log_head
-                 SET next_position = $11, last_recorded_at = $10, generation = generation + 1
-                 RETURNING pg_notify($12, next_position::text)",
-                insert_events_cte(&s, "$10", "")
+                 SET next_position = $10, last_recorded_at = $9, generation = generation + 1
+                 RETURNING pg_notify($11, next_position::text)",
+                insert_events_cte(&s, "$9", "")
             )),
             stream_row: arc(format!("SELECT {}", stream_head_from(&s, "$1"))),
             first_unexpired: arc(format!(
@@ -167,13 +167,13 @@ impl Sql {
             write_fast: arc(format!(
                 "WITH head AS (
                      UPDATE {s}.log_head
-                     SET next_position = $10, generation = generation + 1,
+                     SET next_position = $9, generation = generation + 1,
                          last_recorded_at = greatest(clock_timestamp(), last_recorded_at)
-                     WHERE generation = $12
+                     WHERE generation = $11
                        AND NOT EXISTS (
-                           SELECT 1 FROM unnest($13::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e
+                           SELECT 1 FROM unnest($12::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe_id}) AS e
                        )
-                     RETURNING last_recorded_at, pg_notify($11, next_position::text)
+                     RETURNING last_recorded_at, pg_notify($10, next_position::text)
                  ),
                  {}
                  SELECT last_recorded_at FROM head",
@@ -232,7 +232,8 @@ impl Sql {
         }];
         let mut next = 4;
         if category {
-            predicates.push(format!("category = ${next}"));
+            // The expression of the `events_category_position` index (migration 3).
+            predicates.push(format!("split_part(stream, '-', 1) = ${next}"));
             next += 1;
         }
         if stream_prefix {

@@ -488,47 +488,51 @@ async fn migrations_apply_once_and_refuse_what_they_do_not_know() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs postgres: set FACTLINE_TEST_POSTGRES_URL"]
-async fn a_log_written_at_schema_version_1_reads_and_appends_after_migration_2() {
-    // Version 1 is version 2 plus the two head columns of `streams`, which every append kept
-    // up to date. Rebuild that state with data written the way version 1 wrote it.
+async fn a_log_written_at_schema_version_1_reads_and_appends_after_the_later_migrations() {
+    // Build version 1 itself (its tables, as its migration created them) and write data the
+    // way version 1 wrote it: every append kept the stream's head in `streams`, and every
+    // event row carried its category.
+    use sqlx::Connection as _;
     let schema = common::fresh_schema();
-    let setup = PostgresStore::open(common::options(schema.clone()))
-        .await
-        .unwrap();
-    let (streams, events, migrations) = (
-        table(&setup, "streams"),
-        table(&setup, "events"),
-        table(&setup, "migrations"),
+    let mut conn = PgConnection::connect(&common::url()).await.unwrap();
+    let applied = schema::migrate_up_to(&mut conn, &schema, 1).await.unwrap();
+    assert_eq!(applied.len(), 1);
+    let quoted = schema.quoted();
+    let (streams, events, log_head) = (
+        format!("{quoted}.streams"),
+        format!("{quoted}.events"),
+        format!("{quoted}.log_head"),
     );
-    let log_head = table(&setup, "log_head");
     for sql in [
-        format!("DELETE FROM {migrations} WHERE version = 2"),
-        format!(
-            "ALTER TABLE {streams} ADD COLUMN last_revision bigint CHECK (last_revision >= 0), \
-             ADD COLUMN last_recorded_at timestamptz"
-        ),
-        // order-1: three events; order-2: one event, soft-deleted before revision 1 (so its
-        // row carries truncate_before); order-3: tombstoned after one event.
+        // order-1: three events (the last with metadata); order-2: one event, soft-deleted
+        // before revision 1 (so its row carries truncate_before); order-3: tombstoned after
+        // one event; a category of its own, `invoice`, for one event.
         format!(
             "INSERT INTO {events} (position, stream, revision, id, event_type, category, \
                  content_type, data, metadata, recorded_at) \
-             SELECT p, s, r, gen_random_uuid(), 'OrderPlaced', 'order', 0, '{{}}'::bytea, \
-                    NULL, '2026-01-01T00:00:00Z'::timestamptz + p * interval '1 second' \
-             FROM (VALUES (0, 'order-1', 0), (1, 'order-2', 0), (2, 'order-1', 1), \
-                          (3, 'order-1', 2), (4, 'order-3', 0)) AS v(p, s, r)"
+             SELECT p, s, r, gen_random_uuid(), 'OrderPlaced', split_part(s, '-', 1), 0, \
+                    '{{}}'::bytea, m::bytea, \
+                    '2026-01-01T00:00:00Z'::timestamptz + p * interval '1 second' \
+             FROM (VALUES (0, 'order-1', 0, NULL), (1, 'order-2', 0, NULL), \
+                          (2, 'order-1', 1, NULL), (3, 'order-1', 2, '{{\"k\":\"v\"}}'), \
+                          (4, 'order-3', 0, NULL), (5, 'invoice-1', 0, NULL)) AS v(p, s, r, m)"
         ),
         format!(
             "INSERT INTO {streams} (stream, last_revision, last_recorded_at, truncate_before, \
                  tombstoned) VALUES \
              ('order-1', 2, '2026-01-01T00:00:03Z', NULL, false), \
              ('order-2', 0, '2026-01-01T00:00:01Z', 1, false), \
-             ('order-3', 0, '2026-01-01T00:00:04Z', NULL, true)"
+             ('order-3', 0, '2026-01-01T00:00:04Z', NULL, true), \
+             ('invoice-1', 0, '2026-01-01T00:00:05Z', NULL, false)"
         ),
-        format!("UPDATE {log_head} SET next_position = 5, generation = generation + 5"),
+        format!("UPDATE {log_head} SET next_position = 6, generation = generation + 6"),
     ] {
-        exec(&setup, sql).await;
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .unwrap();
     }
-    setup.close().await;
+    conn.close().await.unwrap();
 
     let store = PostgresStore::open(common::options(schema.clone()))
         .await
@@ -536,7 +540,7 @@ async fn a_log_written_at_schema_version_1_reads_and_appends_after_migration_2()
     let versions = factline_postgres::applied_migrations(&common::options(schema))
         .await
         .unwrap();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     let order_1 = testkit::stream("order-1");
     let slice = store
         .read_stream(&order_1, ReadStreamOptions::forwards())
@@ -544,6 +548,20 @@ async fn a_log_written_at_schema_version_1_reads_and_appends_after_migration_2()
         .unwrap();
     assert_eq!(slice.last_revision, Revision(2));
     assert_eq!(slice.events.len(), 3);
+    assert_eq!(slice.events[2].metadata.get("k"), Some("v"));
+    assert!(slice.events[0].metadata.is_empty());
+    // Category reads use the index on the derived category (migration 3).
+    let orders = store
+        .read_all(ReadAllOptions::forwards().filter(EventFilter::all().category("order")))
+        .await
+        .unwrap();
+    let positions: Vec<u64> = orders.events.iter().map(|e| e.position.0).collect();
+    assert_eq!(positions, [0, 1, 2, 3, 4]);
+    let invoices = store
+        .read_all(ReadAllOptions::forwards().filter(EventFilter::all().category("invoice")))
+        .await
+        .unwrap();
+    assert_eq!(invoices.events.len(), 1);
     // The head the old columns held is the one the index gives: expected versions hold.
     let refused = store
         .append(
@@ -565,7 +583,7 @@ async fn a_log_written_at_schema_version_1_reads_and_appends_after_migration_2()
         .await
         .unwrap();
     assert_eq!(appended.next_expected_version, Revision(3));
-    assert_eq!(appended.position, Position(5));
+    assert_eq!(appended.position, Position(6));
     // The soft delete and the tombstone survive.
     let truncated = store
         .read_stream(&testkit::stream("order-2"), ReadStreamOptions::forwards())
