@@ -10,10 +10,12 @@
 //!   the router and its middleware, the in-memory pub/sub, CQRS buses, the store as a source;
 //! - `postgres` (opt-in): [`postgres`] — the PostgreSQL event store, `postgres::PostgresStore`,
 //!   with appends inside your own transaction, inline projections and a checkpoint store;
+//! - `nats` (opt-in): [`nats`] — the NATS JetStream publisher and subscriber,
+//!   `nats::NatsPubSub`;
 //! - `testkit`: [`testkit`] — the conformance suite for your own backend (and, with
 //!   `messaging`, `messaging::testkit` for your own pub/sub adapter).
 //!
-//! The broker adapters arrive as their own crates and features.
+//! The other broker adapters arrive as their own crates and features.
 
 pub use factline_core::*;
 
@@ -28,3 +30,6 @@ pub use factline_messaging as messaging;
 
 #[cfg(feature = "postgres")]
 pub use factline_postgres as postgres;
+
+#[cfg(feature = "nats")]
+pub use factline_nats as nats;
