@@ -16,6 +16,7 @@ mod report;
 mod runner;
 mod systems;
 mod w10;
+mod w8;
 mod w9;
 mod workloads;
 
@@ -30,5 +31,6 @@ pub use report::{
 };
 pub use runner::run;
 pub use systems::open_factline_log;
+pub use w8::{W8Adapter, W8Options, W8Row, render_w8, run_w8};
 pub use w9::{W9Event, W9Options, W9Row, render_w9, run_w9};
 pub use w10::{W10Options, W10Round, median_w10, run_w10};

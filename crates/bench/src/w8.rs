@@ -1,0 +1,460 @@
+//! Workload W8: a broker adapter through factline beside the broker's own client doing the same
+//! work, on the same server, in interleaved rounds (median reported).
+//!
+//! Two phases per adapter, each a fixed number of 200-byte messages on a fresh topic:
+//! - **publish**: one task publishes batches of `publish_batch` and waits for the broker to
+//!   confirm each batch — factline's `Publisher::publish` against the raw client sending the
+//!   same messages (same id header) and awaiting the same confirmations;
+//! - **consume**: a preloaded backlog is read and every message acked — a `Router` consumer
+//!   handler (the router acks after the handler) against the raw client's consumer loop that
+//!   acks each message itself, with the same fetch size and in-flight limit.
+//!
+//! The figure is messages per second from the first publish (or the subscription) to the last
+//! confirmation (or the last ack sent for the backlog's final message). The ratio is factline's
+//! figure over the raw client's: 1.00x means no overhead, the target is at least 0.80x.
+//!
+//! Adapters measured: NATS JetStream (`nats`, file storage, the server at `--nats-url`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use factline_messaging::{Message, Publisher as _, Router, RouterConfig, consumer_fn};
+use futures::StreamExt as _;
+use serde::Serialize;
+
+/// Sizes of a W8 run.
+#[derive(Debug, Clone)]
+pub struct W8Options {
+    /// Rounds; the median is reported.
+    pub rounds: usize,
+    /// Messages per phase.
+    pub messages: usize,
+    /// Messages per publish call (and per confirmation wait of the raw client).
+    pub publish_batch: usize,
+    /// Adapters to run.
+    pub adapters: Vec<W8Adapter>,
+    /// The NATS server.
+    pub nats_url: String,
+    /// How long one phase may take before the run fails.
+    pub phase_timeout: Duration,
+}
+
+impl W8Options {
+    /// The full run.
+    pub fn full() -> Self {
+        Self {
+            rounds: 3,
+            messages: 50_000,
+            publish_batch: 100,
+            adapters: W8Adapter::ALL.to_vec(),
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            phase_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// A short run.
+    pub fn quick() -> Self {
+        Self {
+            rounds: 1,
+            messages: 10_000,
+            ..Self::full()
+        }
+    }
+
+    /// Tiny, for tests of the harness.
+    pub fn smoke() -> Self {
+        Self {
+            rounds: 1,
+            messages: 500,
+            ..Self::full()
+        }
+    }
+}
+
+/// The adapters of W8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum W8Adapter {
+    /// NATS JetStream: `factline-nats` against `async-nats`.
+    Nats,
+}
+
+impl W8Adapter {
+    /// All, in report order.
+    pub const ALL: [Self; 1] = [Self::Nats];
+
+    /// Name in the table.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Nats => "nats",
+        }
+    }
+}
+
+/// One measured (adapter, phase) cell: the median round of each side.
+#[derive(Debug, Clone, Serialize)]
+pub struct W8Row {
+    /// Adapter name.
+    pub adapter: String,
+    /// `publish` or `consume`.
+    pub phase: String,
+    /// Messages per second through factline.
+    pub factline_per_sec: f64,
+    /// Messages per second with the raw client.
+    pub raw_per_sec: f64,
+    /// Every round's factline/raw ratio, in run order.
+    pub round_ratios: Vec<f64>,
+}
+
+impl W8Row {
+    /// factline over raw (1.0: no overhead).
+    pub fn ratio(&self) -> f64 {
+        if self.raw_per_sec > 0.0 {
+            self.factline_per_sec / self.raw_per_sec
+        } else {
+            0.0
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+        .get(sorted.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Runs W8 and returns a row per adapter and phase.
+pub async fn run_w8(options: &W8Options) -> Result<Vec<W8Row>> {
+    let mut rows = Vec::new();
+    for &adapter in &options.adapters {
+        for phase in [Phase::Publish, Phase::Consume] {
+            let (mut factline, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..options.rounds {
+                // Alternate which side goes first, so neither always meets a warmer server.
+                let order = if round % 2 == 0 {
+                    [Side::Factline, Side::Raw]
+                } else {
+                    [Side::Raw, Side::Factline]
+                };
+                let mut this_round = [0.0f64; 2];
+                for side in order {
+                    eprintln!(
+                        "[factline-bench] W8 round {}/{} {} {} {}",
+                        round + 1,
+                        options.rounds,
+                        adapter.name(),
+                        phase.name(),
+                        side.name()
+                    );
+                    let rate = tokio::time::timeout(
+                        options.phase_timeout,
+                        measure(adapter, phase, side, options),
+                    )
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "W8 {} {} {} took over {:?}",
+                            adapter.name(),
+                            phase.name(),
+                            side.name(),
+                            options.phase_timeout
+                        )
+                    })??;
+                    eprintln!("[factline-bench]   {:.0} messages/s", rate);
+                    this_round[side as usize] = rate;
+                }
+                factline.push(this_round[Side::Factline as usize]);
+                raw.push(this_round[Side::Raw as usize]);
+                ratios.push(this_round[Side::Factline as usize] / this_round[Side::Raw as usize]);
+            }
+            rows.push(W8Row {
+                adapter: adapter.name().to_owned(),
+                phase: phase.name().to_owned(),
+                factline_per_sec: median(&factline),
+                raw_per_sec: median(&raw),
+                round_ratios: ratios,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The table.
+pub fn render_w8(rows: &[W8Row]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "W8: broker adapters through factline (router for consuming) vs the raw client, messages/s\n",
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:<8} {:>14} {:>14} {:>9}  rounds",
+        "adapter", "phase", "factline/s", "raw client/s", "ratio"
+    );
+    for row in rows {
+        let rounds: Vec<String> = row
+            .round_ratios
+            .iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<8} {:<8} {:>14.0} {:>14.0} {:>8.2}x  {}",
+            row.adapter,
+            row.phase,
+            row.factline_per_sec,
+            row.raw_per_sec,
+            row.ratio(),
+            rounds.join(" ")
+        );
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Publish,
+    Consume,
+}
+
+impl Phase {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Consume => "consume",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Factline = 0,
+    Raw = 1,
+}
+
+impl Side {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Factline => "factline",
+            Self::Raw => "raw",
+        }
+    }
+}
+
+fn payload() -> Bytes {
+    Bytes::from(vec![b'x'; 200])
+}
+
+async fn measure(adapter: W8Adapter, phase: Phase, side: Side, options: &W8Options) -> Result<f64> {
+    match adapter {
+        W8Adapter::Nats => nats::measure(phase, side, options).await,
+    }
+}
+
+/// W8 on NATS JetStream.
+mod nats {
+    use super::*;
+    use async_nats::jetstream::{self, AckKind, consumer::pull};
+    use factline_nats::{NatsConfig, NatsPubSub};
+
+    const PREFIX: &str = "flbench_";
+    /// The adapter's defaults, which the raw side copies.
+    const FETCH_BATCH: usize = 128;
+    const IN_FLIGHT_MAX: i64 = 1_024;
+    const PUBLISH_WINDOW: usize = 256;
+
+    fn topic() -> String {
+        format!("w8_{}", uuid::Uuid::now_v7().simple())
+    }
+
+    async fn connect(options: &W8Options) -> Result<NatsPubSub> {
+        NatsPubSub::connect(NatsConfig::new(options.nats_url.clone()).stream_prefix(PREFIX))
+            .await
+            .with_context(|| format!("connect to NATS at {}", options.nats_url))
+    }
+
+    /// The raw client's publish of `count` messages in batches, as the adapter does it: every
+    /// message with its id header, each batch's confirmations awaited (in windows of the
+    /// adapter's size) before the next.
+    async fn raw_publish(
+        jetstream: &jetstream::Context,
+        subject: &str,
+        count: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let body = payload();
+        let mut sent = 0;
+        while sent < count {
+            let n = batch.min(count - sent);
+            let mut acks = Vec::with_capacity(PUBLISH_WINDOW.min(n));
+            for _ in 0..n {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string());
+                acks.push(
+                    jetstream
+                        .publish_with_headers(subject.to_owned(), headers, body.clone())
+                        .await
+                        .context("raw publish")?,
+                );
+                if acks.len() == PUBLISH_WINDOW {
+                    for ack in acks.drain(..) {
+                        ack.await.context("raw publish ack")?;
+                    }
+                }
+            }
+            for ack in acks {
+                ack.await.context("raw publish ack")?;
+            }
+            sent += n;
+        }
+        Ok(())
+    }
+
+    async fn factline_publish(
+        pubsub: &NatsPubSub,
+        topic: &str,
+        count: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let publisher = pubsub.publisher();
+        let body = payload();
+        let mut sent = 0;
+        while sent < count {
+            let n = batch.min(count - sent);
+            let messages: Vec<Message> = (0..n).map(|_| Message::new(body.clone())).collect();
+            publisher
+                .publish(topic, messages)
+                .await
+                .context("publish")?;
+            sent += n;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn measure(phase: Phase, side: Side, options: &W8Options) -> Result<f64> {
+        let pubsub = connect(options).await?;
+        let topic = topic();
+        let subject = factline_nats::stream_name(PREFIX, &topic)?;
+        let jetstream = jetstream::new(pubsub.client().clone());
+        // The stream exists, with the adapter's default settings, before either side's clock
+        // starts.
+        jetstream
+            .get_or_create_stream(jetstream::stream::Config {
+                name: subject.clone(),
+                subjects: vec![subject.clone()],
+                max_messages: 1_000_000,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .context("make the stream")?;
+        let count = options.messages;
+        let rate = match phase {
+            Phase::Publish => {
+                let started = Instant::now();
+                match side {
+                    Side::Factline => {
+                        factline_publish(&pubsub, &topic, count, options.publish_batch).await?
+                    }
+                    Side::Raw => {
+                        raw_publish(&jetstream, &subject, count, options.publish_batch).await?
+                    }
+                }
+                count as f64 / started.elapsed().as_secs_f64()
+            }
+            Phase::Consume => {
+                raw_publish(&jetstream, &subject, count, options.publish_batch).await?;
+                match side {
+                    Side::Factline => factline_consume(&pubsub, &topic, count).await?,
+                    Side::Raw => raw_consume(&jetstream, &subject, count).await?,
+                }
+            }
+        };
+        pubsub
+            .delete_topics(&[&topic])
+            .await
+            .map_err(|error| anyhow::anyhow!("delete the W8 stream: {error}"))?;
+        Ok(rate)
+    }
+
+    async fn factline_consume(pubsub: &NatsPubSub, topic: &str, count: usize) -> Result<f64> {
+        let handled = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let mut router =
+            Router::new(RouterConfig::default().close_timeout(Duration::from_secs(10)));
+        let subscriber = pubsub.subscriber_in_group("w8").context("group name")?;
+        {
+            let (handled, done) = (handled.clone(), done.clone());
+            let target = count as u64;
+            router
+                .add_consumer_handler(
+                    "w8-count",
+                    topic,
+                    Arc::new(subscriber),
+                    consumer_fn(move |_message: Message| {
+                        if handled.fetch_add(1, Ordering::Relaxed) + 1 == target {
+                            done.notify_one();
+                        }
+                        async { Ok(()) }
+                    }),
+                )
+                .context("add handler")?;
+        }
+        let started = Instant::now();
+        let running = router.start().await.context("start the router")?;
+        done.notified().await;
+        let elapsed = started.elapsed().as_secs_f64();
+        running.shutdown().await;
+        Ok(count as f64 / elapsed)
+    }
+
+    async fn raw_consume(
+        jetstream: &jetstream::Context,
+        subject: &str,
+        count: usize,
+    ) -> Result<f64> {
+        let started = Instant::now();
+        let stream = jetstream
+            .get_stream(subject)
+            .await
+            .context("get the stream")?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                "g_w8",
+                pull::Config {
+                    durable_name: Some("g_w8".to_owned()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    max_ack_pending: IN_FLIGHT_MAX,
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("make the consumer")?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(FETCH_BATCH)
+            .heartbeat(Duration::from_secs(2))
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .context("start pulling")?;
+        let mut handled = 0;
+        while handled < count {
+            let Some(message) = messages.next().await else {
+                bail!("the raw pull ended after {handled} messages");
+            };
+            let message = message.context("raw pull")?;
+            message
+                .ack_with(AckKind::Ack)
+                .await
+                .map_err(|error| anyhow::anyhow!("raw ack: {error}"))?;
+            handled += 1;
+        }
+        Ok(count as f64 / started.elapsed().as_secs_f64())
+    }
+}
