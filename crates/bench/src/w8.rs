@@ -13,7 +13,8 @@
 //! confirmation (or the last ack sent for the backlog's final message). The ratio is factline's
 //! figure over the raw client's: 1.00x means no overhead, the target is at least 0.80x.
 //!
-//! Adapters measured: NATS JetStream (`nats`, file storage, the server at `--nats-url`).
+//! Adapters measured: NATS JetStream (`nats`, file storage, the server at `--nats-url`) and
+//! Redis Streams (`redis`, the server at `--redis-url`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use factline_messaging::{Message, Publisher as _, Router, RouterConfig, consumer_fn};
+use factline_messaging::{Message, Router, RouterConfig, consumer_fn};
 use futures::StreamExt as _;
 use serde::Serialize;
 
@@ -38,6 +39,8 @@ pub struct W8Options {
     pub adapters: Vec<W8Adapter>,
     /// The NATS server.
     pub nats_url: String,
+    /// The Redis server.
+    pub redis_url: String,
     /// How long one phase may take before the run fails.
     pub phase_timeout: Duration,
 }
@@ -51,6 +54,7 @@ impl W8Options {
             publish_batch: 100,
             adapters: W8Adapter::ALL.to_vec(),
             nats_url: "nats://127.0.0.1:4222".to_owned(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
             phase_timeout: Duration::from_secs(120),
         }
     }
@@ -79,16 +83,19 @@ impl W8Options {
 pub enum W8Adapter {
     /// NATS JetStream: `factline-nats` against `async-nats`.
     Nats,
+    /// Redis Streams: `factline-redis` against the `redis` crate.
+    Redis,
 }
 
 impl W8Adapter {
     /// All, in report order.
-    pub const ALL: [Self; 1] = [Self::Nats];
+    pub const ALL: [Self; 2] = [Self::Nats, Self::Redis];
 
     /// Name in the table.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Nats => "nats",
+            Self::Redis => "redis",
         }
     }
 }
@@ -249,9 +256,66 @@ fn payload() -> Bytes {
     Bytes::from(vec![b'x'; 200])
 }
 
+/// factline's side of the publish phase: `count` messages in batches through `publisher`.
+async fn factline_publish(
+    publisher: &dyn factline_messaging::Publisher,
+    topic: &str,
+    count: usize,
+    batch: usize,
+) -> Result<()> {
+    let body = payload();
+    let mut sent = 0;
+    while sent < count {
+        let n = batch.min(count - sent);
+        let messages: Vec<Message> = (0..n).map(|_| Message::new(body.clone())).collect();
+        publisher
+            .publish(topic, messages)
+            .await
+            .context("publish")?;
+        sent += n;
+    }
+    Ok(())
+}
+
+/// factline's side of the consume phase: a router consumer handler over `subscriber` that
+/// counts (the router acks); messages/s until the `count`th is handled.
+async fn router_consume(
+    subscriber: Arc<dyn factline_messaging::Subscriber>,
+    topic: &str,
+    count: usize,
+) -> Result<f64> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let mut router = Router::new(RouterConfig::default().close_timeout(Duration::from_secs(10)));
+    {
+        let (handled, done) = (handled.clone(), done.clone());
+        let target = count as u64;
+        router
+            .add_consumer_handler(
+                "w8-count",
+                topic,
+                subscriber,
+                consumer_fn(move |_message: Message| {
+                    if handled.fetch_add(1, Ordering::Relaxed) + 1 == target {
+                        done.notify_one();
+                    }
+                    async { Ok(()) }
+                }),
+            )
+            .context("add handler")?;
+    }
+    let started = Instant::now();
+    let running = router.start().await.context("start the router")?;
+    done.notified().await;
+    let elapsed = started.elapsed().as_secs_f64();
+    running.shutdown().await;
+    Ok(count as f64 / elapsed)
+}
+
 async fn measure(adapter: W8Adapter, phase: Phase, side: Side, options: &W8Options) -> Result<f64> {
     match adapter {
         W8Adapter::Nats => nats::measure(phase, side, options).await,
+        W8Adapter::Redis => redis_streams::measure(phase, side, options).await,
     }
 }
 
@@ -314,27 +378,6 @@ mod nats {
         Ok(())
     }
 
-    async fn factline_publish(
-        pubsub: &NatsPubSub,
-        topic: &str,
-        count: usize,
-        batch: usize,
-    ) -> Result<()> {
-        let publisher = pubsub.publisher();
-        let body = payload();
-        let mut sent = 0;
-        while sent < count {
-            let n = batch.min(count - sent);
-            let messages: Vec<Message> = (0..n).map(|_| Message::new(body.clone())).collect();
-            publisher
-                .publish(topic, messages)
-                .await
-                .context("publish")?;
-            sent += n;
-        }
-        Ok(())
-    }
-
     pub(super) async fn measure(phase: Phase, side: Side, options: &W8Options) -> Result<f64> {
         let pubsub = connect(options).await?;
         let topic = topic();
@@ -359,7 +402,8 @@ mod nats {
                 let started = Instant::now();
                 match side {
                     Side::Factline => {
-                        factline_publish(&pubsub, &topic, count, options.publish_batch).await?
+                        factline_publish(&pubsub.publisher(), &topic, count, options.publish_batch)
+                            .await?
                     }
                     Side::Raw => {
                         raw_publish(&jetstream, &subject, count, options.publish_batch).await?
@@ -370,7 +414,10 @@ mod nats {
             Phase::Consume => {
                 raw_publish(&jetstream, &subject, count, options.publish_batch).await?;
                 match side {
-                    Side::Factline => factline_consume(&pubsub, &topic, count).await?,
+                    Side::Factline => {
+                        let subscriber = pubsub.subscriber_in_group("w8").context("group name")?;
+                        router_consume(Arc::new(subscriber), &topic, count).await?
+                    }
                     Side::Raw => raw_consume(&jetstream, &subject, count).await?,
                 }
             }
@@ -380,37 +427,6 @@ mod nats {
             .await
             .map_err(|error| anyhow::anyhow!("delete the W8 stream: {error}"))?;
         Ok(rate)
-    }
-
-    async fn factline_consume(pubsub: &NatsPubSub, topic: &str, count: usize) -> Result<f64> {
-        let handled = Arc::new(AtomicU64::new(0));
-        let done = Arc::new(tokio::sync::Notify::new());
-        let mut router =
-            Router::new(RouterConfig::default().close_timeout(Duration::from_secs(10)));
-        let subscriber = pubsub.subscriber_in_group("w8").context("group name")?;
-        {
-            let (handled, done) = (handled.clone(), done.clone());
-            let target = count as u64;
-            router
-                .add_consumer_handler(
-                    "w8-count",
-                    topic,
-                    Arc::new(subscriber),
-                    consumer_fn(move |_message: Message| {
-                        if handled.fetch_add(1, Ordering::Relaxed) + 1 == target {
-                            done.notify_one();
-                        }
-                        async { Ok(()) }
-                    }),
-                )
-                .context("add handler")?;
-        }
-        let started = Instant::now();
-        let running = router.start().await.context("start the router")?;
-        done.notified().await;
-        let elapsed = started.elapsed().as_secs_f64();
-        running.shutdown().await;
-        Ok(count as f64 / elapsed)
     }
 
     async fn raw_consume(
@@ -454,6 +470,154 @@ mod nats {
                 .await
                 .map_err(|error| anyhow::anyhow!("raw ack: {error}"))?;
             handled += 1;
+        }
+        Ok(count as f64 / started.elapsed().as_secs_f64())
+    }
+}
+
+/// W8 on Redis Streams.
+mod redis_streams {
+    use super::*;
+    use factline_redis::{RedisConfig, RedisPubSub};
+    use redis::streams::StreamReadReply;
+
+    const PREFIX: &str = "flbench:";
+    /// The adapter's defaults, which the raw side copies.
+    const FETCH_BATCH: usize = 128;
+    const MAXLEN: u64 = 1_000_000;
+
+    async fn raw_publish(
+        conn: &mut redis::aio::MultiplexedConnection,
+        key: &str,
+        count: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let body = payload();
+        let mut sent = 0;
+        while sent < count {
+            let n = batch.min(count - sent);
+            let mut pipe = redis::pipe();
+            for _ in 0..n {
+                pipe.cmd("XADD")
+                    .arg(key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(MAXLEN)
+                    .arg("*")
+                    .arg("i")
+                    .arg(uuid::Uuid::now_v7().to_string())
+                    .arg("p")
+                    .arg(body.as_ref());
+            }
+            pipe.query_async::<Vec<String>>(conn)
+                .await
+                .context("raw XADD")?;
+            sent += n;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn measure(phase: Phase, side: Side, options: &W8Options) -> Result<f64> {
+        let pubsub =
+            RedisPubSub::connect(RedisConfig::new(options.redis_url.clone()).key_prefix(PREFIX))
+                .await
+                .with_context(|| format!("connect to Redis at {}", options.redis_url))?;
+        let client = redis::Client::open(options.redis_url.as_str()).context("the Redis URL")?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .context("connect the raw client")?;
+        let topic = format!("w8_{}", uuid::Uuid::now_v7().simple());
+        let key = format!("{PREFIX}{topic}");
+        let count = options.messages;
+        let rate = match phase {
+            Phase::Publish => {
+                let started = Instant::now();
+                match side {
+                    Side::Factline => {
+                        factline_publish(&pubsub.publisher(), &topic, count, options.publish_batch)
+                            .await?
+                    }
+                    Side::Raw => raw_publish(&mut conn, &key, count, options.publish_batch).await?,
+                }
+                count as f64 / started.elapsed().as_secs_f64()
+            }
+            Phase::Consume => {
+                raw_publish(&mut conn, &key, count, options.publish_batch).await?;
+                match side {
+                    Side::Factline => {
+                        let subscriber = pubsub.subscriber_in_group("w8").context("group name")?;
+                        router_consume(Arc::new(subscriber), &topic, count).await?
+                    }
+                    Side::Raw => raw_consume(&client, &key, count).await?,
+                }
+            }
+        };
+        pubsub
+            .delete_topics(&[&topic])
+            .await
+            .map_err(|error| anyhow::anyhow!("delete the W8 stream: {error}"))?;
+        Ok(rate)
+    }
+
+    /// The raw client's consumer: a group from the start, blocking reads of the adapter's
+    /// batch size on a connection of its own, and every read batch acked with one `XACK`.
+    async fn raw_consume(client: &redis::Client, key: &str, count: usize) -> Result<f64> {
+        let started = Instant::now();
+        let mut reads = client
+            .get_multiplexed_async_connection()
+            .await
+            .context("connect the raw reader")?;
+        let mut acks = client
+            .get_multiplexed_async_connection()
+            .await
+            .context("connect the raw acker")?;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg("w8")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut acks)
+            .await
+            .context("XGROUP CREATE")?;
+        let mut handled = 0;
+        while handled < count {
+            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("w8")
+                .arg("raw")
+                .arg("COUNT")
+                .arg(FETCH_BATCH)
+                .arg("BLOCK")
+                .arg(1_000)
+                .arg("STREAMS")
+                .arg(key)
+                .arg(">")
+                .query_async(&mut reads)
+                .await
+                .context("XREADGROUP")?;
+            let ids: Vec<String> = reply
+                .map(|reply| {
+                    reply
+                        .keys
+                        .into_iter()
+                        .flat_map(|key| key.ids)
+                        .map(|entry| entry.id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if ids.is_empty() {
+                bail!("the raw read found nothing after {handled} entries");
+            }
+            handled += ids.len();
+            let _: i64 = redis::cmd("XACK")
+                .arg(key)
+                .arg("w8")
+                .arg(&ids)
+                .query_async(&mut acks)
+                .await
+                .context("XACK")?;
         }
         Ok(count as f64 / started.elapsed().as_secs_f64())
     }

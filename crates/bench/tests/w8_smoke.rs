@@ -4,13 +4,14 @@
 use factline_bench::{W8Adapter, W8Options, render_w8, run_w8};
 
 #[test]
-#[ignore = "needs NATS JetStream: set FACTLINE_TEST_NATS_URL"]
+#[ignore = "needs NATS JetStream and Redis: set FACTLINE_TEST_NATS_URL and FACTLINE_TEST_REDIS_URL"]
 fn every_w8_adapter_moves_every_message() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let mut options = W8Options::smoke();
     options.nats_url = std::env::var("FACTLINE_TEST_NATS_URL")?;
+    options.redis_url = std::env::var("FACTLINE_TEST_REDIS_URL")?;
     let rows = runtime.block_on(run_w8(&options))?;
     eprintln!("{}", render_w8(&rows));
     assert_eq!(rows.len(), W8Adapter::ALL.len() * 2);

@@ -12,6 +12,8 @@
 //!   with appends inside your own transaction, inline projections and a checkpoint store;
 //! - `nats` (opt-in): [`nats`] — the NATS JetStream publisher and subscriber,
 //!   `nats::NatsPubSub`;
+//! - `redis` (opt-in): [`redis`] — the Redis Streams publisher and subscriber,
+//!   `redis::RedisPubSub`;
 //! - `testkit`: [`testkit`] — the conformance suite for your own backend (and, with
 //!   `messaging`, `messaging::testkit` for your own pub/sub adapter).
 //!
@@ -33,3 +35,6 @@ pub use factline_postgres as postgres;
 
 #[cfg(feature = "nats")]
 pub use factline_nats as nats;
+
+#[cfg(feature = "redis")]
+pub use factline_redis as redis;

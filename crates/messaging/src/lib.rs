@@ -49,7 +49,7 @@ pub use message::{
 };
 pub use pubsub::{
     BoxError, CloseError, InvalidTopic, MessageStream, PublishError, Publisher, ReceiveError,
-    SubscribeError, Subscriber, TOPIC_BYTES_MAX, check_topic,
+    SubscribeError, Subscriber, TOPIC_BYTES_MAX, check_topic, redact_url,
 };
 
 pub use router::{

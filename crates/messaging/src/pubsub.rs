@@ -45,6 +45,21 @@ pub fn check_topic(topic: &str) -> Result<(), InvalidTopic> {
     Ok(())
 }
 
+/// A broker URL with any password replaced by `***`, for adapters' errors and logs:
+/// `scheme://user:secret@host` becomes `scheme://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// A topic name a backend refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid topic {topic:?}: {reason}")]
@@ -224,6 +239,10 @@ mod tests {
             Some("a topic of 256 bytes exceeds the limit of 255 bytes")
         );
         assert!(check_topic("").is_err());
+        assert_eq!(redact_url("nats://u:pw@h:1"), "nats://u:***@h:1");
+        assert_eq!(redact_url("redis://:pw@h"), "redis://:***@h");
+        assert_eq!(redact_url("amqp://tok@h"), "amqp://***@h");
+        assert_eq!(redact_url("nats://h:1"), "nats://h:1");
         assert!(check_topic("a\nb").is_err());
     }
 }

@@ -81,19 +81,8 @@ pub enum ConnectError {
     },
 }
 
-/// `url` with any password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((credentials, host)) => match credentials.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_owned(),
-    }
-}
+/// `url` with any password replaced by `***` (for errors and logs).
+pub use factline_messaging::redact_url;
 
 /// A connection to a JetStream server, from which publishers and subscribers are made. Cheap
 /// to clone; every publisher and subscriber shares the one connection.

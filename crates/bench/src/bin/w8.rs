@@ -22,7 +22,7 @@ struct Cli {
     /// Messages per phase.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     messages: Option<u32>,
-    /// Adapters, comma separated (default: all): nats.
+    /// Adapters, comma separated (default: all): nats, redis.
     #[arg(long, value_delimiter = ',', value_name = "a,b")]
     adapters: Option<Vec<String>>,
     /// The NATS server.
@@ -32,6 +32,13 @@ struct Cli {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    /// The Redis server.
+    #[arg(
+        long,
+        env = "FACTLINE_BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
     /// Also write the rows as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
@@ -47,13 +54,14 @@ fn main() -> anyhow::Result<()> {
         W8Options::full()
     };
     options.nats_url = cli.nats_url;
+    options.redis_url = cli.redis_url;
     if let Some(names) = cli.adapters {
         let mut adapters = Vec::new();
         for name in names {
             let adapter = W8Adapter::ALL
                 .into_iter()
                 .find(|adapter| adapter.name() == name.trim())
-                .with_context(|| format!("unknown adapter {name:?} (known: nats)"))?;
+                .with_context(|| format!("unknown adapter {name:?} (known: nats, redis)"))?;
             adapters.push(adapter);
         }
         options.adapters = adapters;
