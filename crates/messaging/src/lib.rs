@@ -48,8 +48,8 @@ pub use message::{
     NoopAcknowledger, Outcome,
 };
 pub use pubsub::{
-    BoxError, CloseError, InvalidTopic, MessageStream, PublishError, Publisher, ReceiveError,
-    SubscribeError, Subscriber, TOPIC_BYTES_MAX, check_topic, redact_url,
+    BoxError, CloseError, DeliverFrom, InvalidTopic, MessageStream, PublishError, Publisher,
+    ReceiveError, SubscribeError, Subscriber, TOPIC_BYTES_MAX, check_topic, redact_url,
 };
 
 pub use router::{

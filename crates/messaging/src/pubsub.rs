@@ -45,6 +45,17 @@ pub fn check_topic(topic: &str) -> Result<(), InvalidTopic> {
     Ok(())
 }
 
+/// Where a broker adapter's new consumer — a new consumer group, or a subscription without a
+/// group — starts reading its topic. Exhaustive on purpose: every adapter maps each variant to
+/// its broker's own start position, and a new variant must make them say how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverFrom {
+    /// The oldest message the topic still holds (late subscribers get what was retained).
+    Oldest,
+    /// Only messages published after the consumer was created.
+    New,
+}
+
 /// A broker URL with any password replaced by `***`, for adapters' errors and logs:
 /// `scheme://user:secret@host` becomes `scheme://user:***@host`.
 pub fn redact_url(url: &str) -> String {

@@ -13,16 +13,7 @@ pub enum Storage {
     Memory,
 }
 
-/// Where a new consumer (a new group, or a subscription without a group) starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DeliverFrom {
-    /// The oldest message the topic still holds (the default: late subscribers get what was
-    /// retained).
-    Oldest,
-    /// Only messages published after the consumer was created.
-    New,
-}
+pub use factline_messaging::DeliverFrom;
 
 /// Settings of a [`crate::NatsPubSub`]. Build with [`NatsConfig::new`] and the builders; every
 /// value is checked by [`crate::NatsPubSub::connect`].

@@ -23,7 +23,6 @@ mod subscribe;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use async_trait::async_trait;
@@ -329,19 +328,17 @@ impl Shared {
         Ok(found)
     }
 
-    /// The subject to publish `topic` to, its stream made sure of once per connection.
-    async fn subject_for(&self, topic: &str) -> Result<String, StreamError> {
-        let name =
-            stream_name(&self.config.stream_prefix, topic).map_err(StreamError::InvalidTopic)?;
+    /// Makes sure, once per connection, that the stream `name` of `topic` exists.
+    async fn ensure_stream_known(&self, topic: &str, name: &str) -> Result<(), StreamError> {
         let known = self
             .known_streams
             .lock()
-            .map(|known| known.contains(&name))
+            .map(|known| known.contains(name))
             .unwrap_or(false);
         if !known {
             self.stream(topic).await?;
         }
-        Ok(name)
+        Ok(())
     }
 
     fn forget_stream(&self, name: &str) {
@@ -440,7 +437,7 @@ impl Publisher for NatsPublisher {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(PublishError::Closed);
         }
-        stream_name(&self.shared.config.stream_prefix, topic)?;
+        let subject = stream_name(&self.shared.config.stream_prefix, topic)?;
         if messages.is_empty() {
             return Ok(());
         }
@@ -458,7 +455,7 @@ impl Publisher for NatsPublisher {
             }
             encoded.push((headers, message.payload.clone()));
         }
-        let subject = self.shared.subject_for(topic).await?;
+        self.shared.ensure_stream_known(topic, &subject).await?;
         match self.send(&subject, &encoded).await {
             Ok(()) => Ok(()),
             Err((true, _)) if self.shared.config.create_streams => {
@@ -479,12 +476,5 @@ impl Publisher for NatsPublisher {
             .store(true, std::sync::atomic::Ordering::Release);
         // Every publish that returned was acknowledged by JetStream: nothing is buffered.
         Ok(())
-    }
-}
-
-impl NatsSubscriber {
-    /// How long a close waits to flush acknowledgements.
-    pub(crate) fn close_timeout(&self) -> Duration {
-        self.shared.config.close_timeout
     }
 }

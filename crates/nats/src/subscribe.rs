@@ -371,7 +371,7 @@ impl Subscriber for NatsSubscriber {
             .iter()
             .filter_map(|tracker| tracker.end_unless_polling())
             .collect();
-        let timeout = self.close_timeout();
+        let timeout = self.shared.config.close_timeout;
         for drain in drains {
             let _ = tokio::time::timeout(timeout, drain).await;
         }

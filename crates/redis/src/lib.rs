@@ -33,15 +33,7 @@ use redis::streams::{StreamAutoClaimReply, StreamClaimReply, StreamId, StreamRea
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// Where a new group (or a subscription without a group) starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DeliverFrom {
-    /// The oldest entry the stream still holds (the default).
-    Oldest,
-    /// Only entries added after the group was created.
-    New,
-}
+pub use factline_messaging::DeliverFrom;
 
 /// Settings of a [`RedisPubSub`]; every value is checked by [`RedisPubSub::connect`].
 #[derive(Debug, Clone)]
@@ -540,6 +532,8 @@ struct Tracker {
     state: Mutex<TrackerState>,
     key: Vec<u8>,
     group: String,
+    /// The group is this subscription's own (destroyed when it ends: nothing to hand over).
+    private: bool,
     acks: mpsc::UnboundedSender<AckJob>,
     /// Wakes the subscription when a delivery is settled (room in flight, or a redelivery).
     settled: Notify,
@@ -732,6 +726,7 @@ impl Subscriber for RedisSubscriber {
             state: Mutex::new(TrackerState::default()),
             key: key.clone(),
             group: group.clone(),
+            private,
             acks: self.acks.clone(),
             settled: Notify::new(),
         });
@@ -776,17 +771,7 @@ impl Subscriber for RedisSubscriber {
             .unwrap_or_default();
         for tracker in trackers {
             let held = tracker.end();
-            if !held.is_empty() {
-                let handover = spawn_handover(
-                    Arc::clone(&self.shared),
-                    tracker.key.clone(),
-                    tracker.group.clone(),
-                    held,
-                );
-                if let Ok(mut handovers) = self.handovers.lock() {
-                    handovers.push(handover);
-                }
-            }
+            queue_handover(&self.shared, &self.handovers, &tracker, held);
         }
         tokio::task::yield_now().await;
         let handovers: Vec<_> = self
@@ -819,6 +804,29 @@ impl Subscriber for RedisSubscriber {
             }
         }
         Ok(())
+    }
+}
+
+/// Hands `held` over to the other members of `tracker`'s group, the task kept in
+/// `handovers` for [`Subscriber::close`] to wait for. A private group has nobody to hand over
+/// to: it is destroyed instead.
+fn queue_handover(
+    shared: &Arc<Shared>,
+    handovers: &Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    tracker: &Tracker,
+    held: Vec<String>,
+) {
+    if tracker.private || held.is_empty() {
+        return;
+    }
+    let handover = spawn_handover(
+        Arc::clone(shared),
+        tracker.key.clone(),
+        tracker.group.clone(),
+        held,
+    );
+    if let Ok(mut handovers) = handovers.lock() {
+        handovers.push(handover);
     }
 }
 
@@ -1048,16 +1056,8 @@ impl Subscription {
                     .query_async::<i64>(&mut commands)
                     .await;
             });
-        } else if !held.is_empty() {
-            let handover = spawn_handover(
-                Arc::clone(&self.shared),
-                self.key.clone(),
-                self.group.clone(),
-                held,
-            );
-            if let Ok(mut handovers) = self.handovers.lock() {
-                handovers.push(handover);
-            }
+        } else {
+            queue_handover(&self.shared, &self.handovers, &self.tracker, held);
         }
     }
 }
