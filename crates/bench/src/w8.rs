@@ -13,8 +13,12 @@
 //! confirmation (or the last ack sent for the backlog's final message). The ratio is factline's
 //! figure over the raw client's: 1.00x means no overhead, the target is at least 0.80x.
 //!
-//! Adapters measured: NATS JetStream (`nats`, file storage, the server at `--nats-url`) and
-//! Redis Streams (`redis`, the server at `--redis-url`).
+//! Adapters measured: NATS JetStream (`nats`, file storage, the server at `--nats-url`),
+//! Redis Streams (`redis`, the server at `--redis-url`) and RabbitMQ (`rabbitmq`, a durable
+//! fanout exchange and a durable queue, persistent messages with publisher confirms, the broker
+//! at `--amqp-url`).
+//! MQTT (`mqtt`, QoS 1 on Mosquitto at `--mqtt-url`) is measured too; its consume phase is fed
+//! live rather than from a preloaded backlog (see `w8_mqtt.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +45,12 @@ pub struct W8Options {
     pub nats_url: String,
     /// The Redis server.
     pub redis_url: String,
+    /// The PostgreSQL database of the SQL adapter.
+    pub postgres_url: String,
+    /// The RabbitMQ broker.
+    pub amqp_url: String,
+    /// The MQTT broker.
+    pub mqtt_url: String,
     /// How long one phase may take before the run fails.
     pub phase_timeout: Duration,
 }
@@ -55,6 +65,9 @@ impl W8Options {
             adapters: W8Adapter::ALL.to_vec(),
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             redis_url: "redis://127.0.0.1:6379".to_owned(),
+            postgres_url: "postgres://postgres@127.0.0.1:5432/test".to_owned(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            mqtt_url: "mqtt://127.0.0.1:1883".to_owned(),
             phase_timeout: Duration::from_secs(120),
         }
     }
@@ -85,17 +98,32 @@ pub enum W8Adapter {
     Nats,
     /// Redis Streams: `factline-redis` against the `redis` crate.
     Redis,
+    /// PostgreSQL tables: `factline-sql` against `sqlx` running the same statements.
+    Sql,
+    /// RabbitMQ: `factline-rabbitmq` against `lapin`.
+    Rabbitmq,
+    /// MQTT (Mosquitto): `factline-mqtt` against `rumqttc`.
+    Mqtt,
 }
 
 impl W8Adapter {
     /// All, in report order.
-    pub const ALL: [Self; 2] = [Self::Nats, Self::Redis];
+    pub const ALL: [Self; 5] = [
+        Self::Nats,
+        Self::Redis,
+        Self::Rabbitmq,
+        Self::Sql,
+        Self::Mqtt,
+    ];
 
     /// Name in the table.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Nats => "nats",
             Self::Redis => "redis",
+            Self::Sql => "sql",
+            Self::Rabbitmq => "rabbitmq",
+            Self::Mqtt => "mqtt",
         }
     }
 }
@@ -316,8 +344,19 @@ async fn measure(adapter: W8Adapter, phase: Phase, side: Side, options: &W8Optio
     match adapter {
         W8Adapter::Nats => nats::measure(phase, side, options).await,
         W8Adapter::Redis => redis_streams::measure(phase, side, options).await,
+        W8Adapter::Sql => sql::measure(phase, side, options).await,
+        W8Adapter::Rabbitmq => rabbitmq::measure(phase, side, options).await,
+        W8Adapter::Mqtt => mqtt::measure(phase, side, options).await,
     }
 }
+
+/// W8 on PostgreSQL tables.
+#[path = "w8_sql.rs"]
+mod sql;
+
+/// W8 on MQTT (Mosquitto).
+#[path = "w8_mqtt.rs"]
+mod mqtt;
 
 /// W8 on NATS JetStream.
 mod nats {
@@ -620,5 +659,203 @@ mod redis_streams {
                 .context("XACK")?;
         }
         Ok(count as f64 / started.elapsed().as_secs_f64())
+    }
+}
+
+/// W8 on RabbitMQ.
+mod rabbitmq {
+    use super::*;
+    use factline_rabbitmq::{RabbitConfig, RabbitPubSub};
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{FieldTable, ShortString};
+    use lapin::{BasicProperties, Channel, ExchangeKind};
+
+    const PREFIX: &str = "flbench.";
+    const GROUP: &str = "w8";
+    /// The adapter's default prefetch, which the raw side copies.
+    const PREFETCH: u16 = 1_024;
+
+    /// The raw client's publish of `count` messages in batches, as the adapter does it: each
+    /// message persistent with its id as `message-id`, every batch's publisher confirms awaited
+    /// before the next.
+    async fn raw_publish(
+        channel: &Channel,
+        exchange: &str,
+        count: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let body = payload();
+        let exchange = ShortString::try_new(exchange).context("the exchange name")?;
+        let mut sent = 0;
+        while sent < count {
+            let n = batch.min(count - sent);
+            let mut confirms = Vec::with_capacity(n);
+            for _ in 0..n {
+                let properties = BasicProperties::default()
+                    .with_message_id(uuid::Uuid::now_v7().to_string().into())
+                    .with_delivery_mode(2);
+                confirms.push(
+                    channel
+                        .basic_publish(
+                            exchange.clone(),
+                            ShortString::default(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            properties,
+                        )
+                        .await
+                        .context("raw publish")?,
+                );
+            }
+            for confirm in confirms {
+                let confirmation = confirm.await.context("raw publish confirm")?;
+                if confirmation.is_nack() {
+                    bail!("the broker nacked a raw publish");
+                }
+            }
+            sent += n;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn measure(phase: Phase, side: Side, options: &W8Options) -> Result<f64> {
+        let pubsub =
+            RabbitPubSub::connect(RabbitConfig::new(options.amqp_url.clone()).name_prefix(PREFIX))
+                .await
+                .with_context(|| {
+                    format!(
+                        "connect to RabbitMQ at {}",
+                        factline_messaging::redact_url(&options.amqp_url)
+                    )
+                })?;
+        let raw =
+            lapin::Connection::connect(&options.amqp_url, lapin::ConnectionProperties::default())
+                .await
+                .context("connect the raw client")?;
+        let channel = raw.create_channel().await.context("open a raw channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("confirm mode")?;
+        let topic = format!("w8_{}", uuid::Uuid::now_v7().simple());
+        let exchange = factline_rabbitmq::exchange_name(PREFIX, &topic);
+        let queue = factline_rabbitmq::group_queue_name(PREFIX, &topic, GROUP);
+        // The exchange and the group's queue exist, as the adapter declares them, before either
+        // side's clock starts.
+        channel
+            .exchange_declare(
+                ShortString::try_new(exchange.as_str()).context("exchange name")?,
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("declare the exchange")?;
+        channel
+            .queue_declare(
+                ShortString::try_new(queue.as_str()).context("queue name")?,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("declare the queue")?;
+        channel
+            .queue_bind(
+                ShortString::try_new(queue.as_str()).context("queue name")?,
+                ShortString::try_new(exchange.as_str()).context("exchange name")?,
+                ShortString::default(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("bind the queue")?;
+        let count = options.messages;
+        let rate = match phase {
+            Phase::Publish => {
+                let started = Instant::now();
+                match side {
+                    Side::Factline => {
+                        factline_publish(&pubsub.publisher(), &topic, count, options.publish_batch)
+                            .await?
+                    }
+                    Side::Raw => {
+                        raw_publish(&channel, &exchange, count, options.publish_batch).await?
+                    }
+                }
+                count as f64 / started.elapsed().as_secs_f64()
+            }
+            Phase::Consume => {
+                raw_publish(&channel, &exchange, count, options.publish_batch).await?;
+                match side {
+                    Side::Factline => {
+                        let subscriber = pubsub.subscriber_in_group(GROUP).context("group name")?;
+                        router_consume(Arc::new(subscriber), &topic, count).await?
+                    }
+                    Side::Raw => raw_consume(&raw, &queue, count).await?,
+                }
+            }
+        };
+        let _ = channel.close(200, "done".into()).await;
+        let _ = raw.close(200, "done".into()).await;
+        pubsub
+            .delete_topics(&[&topic], &[GROUP])
+            .await
+            .map_err(|error| anyhow::anyhow!("delete the W8 exchange and queue: {error}"))?;
+        Ok(rate)
+    }
+
+    /// The raw client's consumer: a channel of its own with the adapter's prefetch, manual
+    /// acknowledgement, every delivery acked (`basic.ack` of its tag) as it arrives, the acks
+    /// in flight concurrently (not one awaited before the next delivery is taken).
+    async fn raw_consume(raw: &lapin::Connection, queue: &str, count: usize) -> Result<f64> {
+        let started = Instant::now();
+        let channel = raw
+            .create_channel()
+            .await
+            .context("open the consuming channel")?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .context("basic.qos")?;
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::try_new(queue).context("queue name")?,
+                ShortString::default(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("basic.consume")?;
+        let mut handled = 0;
+        let mut acks: futures::stream::FuturesUnordered<
+            futures::future::BoxFuture<'static, lapin::Result<bool>>,
+        > = futures::stream::FuturesUnordered::new();
+        while handled < count || !acks.is_empty() {
+            tokio::select! {
+                Some(acked) = acks.next(), if !acks.is_empty() => {
+                    let _: bool = acked.context("raw ack")?;
+                }
+                delivery = consumer.next(), if handled < count => {
+                    let Some(delivery) = delivery else {
+                        bail!("the raw consumer ended after {handled} messages");
+                    };
+                    let acker = delivery.context("raw delivery")?.acker;
+                    acks.push(Box::pin(async move { acker.ack(BasicAckOptions::default()).await }));
+                    handled += 1;
+                }
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let _ = channel.close(200, "done".into()).await;
+        Ok(count as f64 / elapsed)
     }
 }

@@ -14,6 +14,12 @@
 //!   `nats::NatsPubSub`;
 //! - `redis` (opt-in): [`redis`] — the Redis Streams publisher and subscriber,
 //!   `redis::RedisPubSub`;
+//! - `mqtt` (opt-in): [`mqtt`] — the MQTT 5 publisher and subscriber (QoS 1, persistent
+//!   sessions, PUBACK after the application acked), `mqtt::MqttPubSub`;
+//! - `sql` (opt-in): [`sql`] — pub/sub on PostgreSQL tables (`sql::postgres::PgPubSub`),
+//!   publishing inside your own transaction, the outbox and a persistent deduplication store;
+//! - `rabbitmq` (opt-in): [`rabbitmq`] — the RabbitMQ (AMQP 0-9-1) publisher and subscriber,
+//!   `rabbitmq::RabbitPubSub`;
 //! - `testkit`: [`testkit`] — the conformance suite for your own backend (and, with
 //!   `messaging`, `messaging::testkit` for your own pub/sub adapter).
 //!
@@ -38,3 +44,12 @@ pub use factline_nats as nats;
 
 #[cfg(feature = "redis")]
 pub use factline_redis as redis;
+
+#[cfg(feature = "mqtt")]
+pub use factline_mqtt as mqtt;
+
+#[cfg(feature = "sql")]
+pub use factline_sql as sql;
+
+#[cfg(feature = "rabbitmq")]
+pub use factline_rabbitmq as rabbitmq;

@@ -5,6 +5,8 @@
 //! - [`Publisher`] and [`Subscriber`]: the contract every transport implements
 //!   (`docs/specs/pubsub-adapter.md`), checked by the shared conformance suite in [`testkit`].
 //! - [`InMemoryPubSub`]: fan-out, consumer groups, optional retention, redelivery, bounded.
+//! - [`Forwarder`]: the outbox's second half — moves staged messages to their topics, at
+//!   least once and in order.
 //! - [`Router`]: handlers from topics to topics, middleware in onion order, a poison queue
 //!   that cannot be misplaced, per-key ordered concurrency, batch handlers, panic recovery and
 //!   graceful shutdown.
@@ -25,6 +27,7 @@
 //! ```
 
 pub mod cqrs;
+mod forwarder;
 mod handler;
 mod memory;
 mod message;
@@ -35,6 +38,7 @@ pub mod source;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use forwarder::{DESTINATION_KEY, ForwardError, Forwarder, ForwarderConfig, ForwarderStats};
 pub use handler::{
     BatchHandler, BoxHandler, ConsumerFn, FnBatchHandler, FnHandler, Handler, HandlerContext,
     HandlerError, HandlerErrorKind, HandlerResult, Middleware, batch_handler_fn, consumer_fn,

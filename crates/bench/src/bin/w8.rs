@@ -22,7 +22,7 @@ struct Cli {
     /// Messages per phase.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     messages: Option<u32>,
-    /// Adapters, comma separated (default: all): nats, redis.
+    /// Adapters, comma separated (default: all): nats, redis, rabbitmq, sql, mqtt.
     #[arg(long, value_delimiter = ',', value_name = "a,b")]
     adapters: Option<Vec<String>>,
     /// The NATS server.
@@ -39,6 +39,27 @@ struct Cli {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// The PostgreSQL database of the SQL adapter.
+    #[arg(
+        long,
+        env = "FACTLINE_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+    /// The RabbitMQ broker.
+    #[arg(
+        long,
+        env = "FACTLINE_BENCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// The MQTT broker.
+    #[arg(
+        long,
+        env = "FACTLINE_BENCH_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    mqtt_url: String,
     /// Also write the rows as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
@@ -55,13 +76,19 @@ fn main() -> anyhow::Result<()> {
     };
     options.nats_url = cli.nats_url;
     options.redis_url = cli.redis_url;
+    options.postgres_url = cli.postgres_url;
+    options.amqp_url = cli.amqp_url;
+    options.mqtt_url = cli.mqtt_url;
     if let Some(names) = cli.adapters {
         let mut adapters = Vec::new();
         for name in names {
             let adapter = W8Adapter::ALL
                 .into_iter()
                 .find(|adapter| adapter.name() == name.trim())
-                .with_context(|| format!("unknown adapter {name:?} (known: nats, redis)"))?;
+                .with_context(|| {
+                    let known: Vec<&str> = W8Adapter::ALL.iter().map(|a| a.name()).collect();
+                    format!("unknown adapter {name:?} (known: {})", known.join(", "))
+                })?;
             adapters.push(adapter);
         }
         options.adapters = adapters;

@@ -387,6 +387,30 @@ macro_rules! pubsub_conformance {
     };
 }
 
+/// Restarts a broker for [`PubSubFixture::restart_broker`] by running `command` with `sh -c`
+/// (the command an adapter's tests read from the environment variable `variable`, e.g. a
+/// `scripts/services/restart-*` script); `None` is an error naming the variable.
+pub async fn run_restart_command(command: Option<&str>, variable: &str) -> Result<(), String> {
+    let Some(command) = command else {
+        return Err(format!("{variable} is not set"));
+    };
+    let owned = command.to_owned();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&owned)
+            .status()
+    })
+    .await
+    .map_err(|error| format!("running {command:?}: {error}"))?
+    .map_err(|error| format!("running {command:?}: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} exited with {status}"))
+    }
+}
+
 /// Every case, by name, in suite order.
 pub fn all_cases() -> Vec<NamedCase> {
     crate::pubsub_conformance!(@list @table)
