@@ -148,9 +148,9 @@ pub async fn round_trip_keeps_id_metadata_and_payload(fixture: Arc<dyn PubSubFix
         );
     }
     assert_exactly(&received, &sent, "round trip");
-    if env.features().ordering {
-        assert_in_order(&received, &sent, "round trip (ordering declared)");
-    }
+    // No order check here: these messages have different partition keys (and none), and §7
+    // promises order only within one key (a partitioned broker spreads the rest); the
+    // ordering cases check it.
     for message in &received {
         ack(message, "round trip");
     }
