@@ -20,10 +20,11 @@
 //!   publishing inside your own transaction, the outbox and a persistent deduplication store;
 //! - `rabbitmq` (opt-in): [`rabbitmq`] — the RabbitMQ (AMQP 0-9-1) publisher and subscriber,
 //!   `rabbitmq::RabbitPubSub`;
+//! - `kafka` (opt-in): [`kafka`] — the Kafka publisher and subscriber (consumer groups with
+//!   offsets committed only after acks, keyed partitioning), `kafka::KafkaPubSub`;
 //! - `testkit`: [`testkit`] — the conformance suite for your own backend (and, with
 //!   `messaging`, `messaging::testkit` for your own pub/sub adapter).
 //!
-//! The other broker adapters arrive as their own crates and features.
 
 pub use factline_core::*;
 
@@ -53,3 +54,6 @@ pub use factline_sql as sql;
 
 #[cfg(feature = "rabbitmq")]
 pub use factline_rabbitmq as rabbitmq;
+
+#[cfg(feature = "kafka")]
+pub use factline_kafka as kafka;

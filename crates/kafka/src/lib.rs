@@ -83,7 +83,9 @@ const PUBLISH_TIMEOUT_GRACE: Duration = Duration::from_millis(500);
 pub const MESSAGE_SIZE_BYTES_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Settings of a [`KafkaPubSub`]; every value is checked by [`KafkaPubSub::connect`].
-#[derive(Debug, Clone)]
+/// Its `Debug` form shows the bootstrap list with any password hidden and only the keys of
+/// [`KafkaConfig::client_options`] (their values may be passwords or keys).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct KafkaConfig {
     /// The bootstrap brokers: `host:port[,host:port…]`, optionally written as a URL
@@ -129,6 +131,33 @@ pub struct KafkaConfig {
     /// Further librdkafka settings for every client (`security.protocol`, `sasl.username`,
     /// `client.id`, …), applied after the adapter's own. Default none.
     pub client_options: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let option_keys: Vec<&str> = self
+            .client_options
+            .iter()
+            .map(|(key, _)| key.as_str())
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &redact_url(&self.bootstrap_servers))
+            .field("topic_prefix", &self.topic_prefix)
+            .field("group_prefix", &self.group_prefix)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication", &self.topic_replication)
+            .field("deliver_from", &self.deliver_from)
+            .field("message_size_bytes_max", &self.message_size_bytes_max)
+            .field("in_flight_max", &self.in_flight_max)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("session_timeout", &self.session_timeout)
+            .field("close_timeout", &self.close_timeout)
+            .field("client_option_keys", &option_keys)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -925,6 +954,16 @@ mod tests {
         assert!(list("a").is_err());
         assert!(list("a:port").is_err());
         assert!(list("user:secret@a:1").is_err());
+    }
+
+    #[test]
+    fn debug_hides_passwords_and_option_values() {
+        let config = KafkaConfig::new("kafka://user:hunter2@broker:9092")
+            .client_option("sasl.password", "s3cret-value");
+        let text = format!("{config:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("s3cret-value"), "{text}");
+        assert!(text.contains("sasl.password"), "{text}");
     }
 
     #[test]
