@@ -5,7 +5,7 @@
 //!
 //! - A topic is a Kafka topic of the same name (with [`KafkaConfig::topic_prefix`] before it).
 //!   Kafka allows 1..=249 bytes of `[A-Za-z0-9._-]`; other names are refused with
-//!   [`InvalidTopic`](factline_messaging::InvalidTopic) rather than rewritten, so that other
+//!   [`InvalidTopic`] rather than rewritten, so that other
 //!   Kafka clients see the names the application chose. A topic that does not exist is created
 //!   (with [`KafkaConfig::topic_partitions`]) when first used, unless
 //!   [`KafkaConfig::create_topics`] is off: then using it is an error that names it.

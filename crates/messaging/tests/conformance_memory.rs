@@ -121,3 +121,19 @@ async fn the_suite_reports_every_case_passed_or_skipped_for_a_known_reason() {
         "{persistent}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_in_memory_dedup_store_keeps_the_dedup_store_contract() {
+    use factline_messaging::middleware::{InMemoryDedupConfig, InMemoryDedupStore};
+    let mut config = InMemoryDedupConfig::default();
+    config.claim_ttl = std::time::Duration::from_secs(1);
+    config.ttl = std::time::Duration::from_secs(2);
+    let store = InMemoryDedupStore::new(config.clone());
+    factline_messaging::testkit::dedup::check_dedup_store(
+        &store,
+        &store,
+        config.claim_ttl,
+        config.ttl,
+    )
+    .await;
+}

@@ -1,7 +1,7 @@
 //! factline's SQL transport: pub/sub on database tables — [`postgres`], [`mysql`] (MariaDB) and
 //! [`sqlite`] — the outbox (stage messages in the application's own transaction, forward them
-//! with [`factline_messaging::Forwarder`]) and, on PostgreSQL, a persistent store for the
-//! deduplication middleware. Every backend shares one subscriber ([`SqlSubscriber`]) and passes
+//! with `run_forwarder`, one active forwarder at a time) and a persistent store for the
+//! deduplication middleware on each backend ([`DedupConfig`]). Every backend shares one subscriber ([`SqlSubscriber`]) and passes
 //! the shared conformance suite.
 //!
 //! [`postgres`] keeps the pub/sub contract of `docs/specs/pubsub-adapter.md`
@@ -28,12 +28,16 @@
 //! are kept from being skipped (offsets taken under a per-topic lock held to commit on MariaDB;
 //! SQLite's single writer) and wake up by polling plus in-process notifications.
 
+mod dedup;
 mod engine;
+mod forwarding;
 pub mod mysql;
 mod names;
 pub mod postgres;
 pub mod sqlite;
 
+pub use dedup::DedupConfig;
 pub use engine::SqlSubscriber;
+pub use forwarding::RunForwarderError;
 pub use names::{InvalidSchemaName, SCHEMA_NAME_BYTES_MAX, check_schema_name, table_for_topic};
 pub use sqlx;

@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use factline_messaging::middleware::{Claim, DedupStore};
 use factline_messaging::{
     ForwarderConfig, InMemoryConfig, InMemoryPubSub, Message, MessageStream, Publisher, Subscriber,
 };
@@ -388,37 +387,68 @@ async fn only_one_forwarder_runs_at_a_time_and_a_standby_takes_over() {
 
 #[tokio::test]
 #[ignore = "needs postgres: set FACTLINE_TEST_POSTGRES_URL"]
-async fn the_dedup_store_remembers_across_instances_and_expires() {
-    let pubsub = common::pubsub().await;
+async fn the_dedup_store_keeps_the_contract_across_instances() {
     let config = PgDedupConfig::default()
         .ttl(Duration::from_secs(2))
         .claim_ttl(Duration::from_secs(1));
-    let store = PgDedupStore::new(&pubsub, config.clone());
-    let other = PgDedupStore::new(&common::pubsub().await, config);
-    let scope = unique("handler");
-    assert_eq!(store.begin(&scope, "k1").await.unwrap(), Claim::New);
-    assert_eq!(other.begin(&scope, "k1").await.unwrap(), Claim::InProgress);
-    assert_eq!(
-        other.begin("another-handler", "k1").await.unwrap(),
-        Claim::New
+    let store = PgDedupStore::new(&common::pubsub().await, config.clone());
+    let other = PgDedupStore::new(&common::pubsub().await, config.clone());
+    factline_messaging::testkit::dedup::check_dedup_store(
+        &store,
+        &other,
+        config.claim_ttl,
+        config.ttl,
+    )
+    .await;
+    store.delete_expired().await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs postgres: set FACTLINE_TEST_POSTGRES_URL"]
+async fn a_forwarder_whose_session_ends_stops_with_lock_lost() {
+    let pubsub = common::pubsub().await;
+    let outbox_topic = unique("outbox-lost");
+    let outbox = pubsub.outbox(&outbox_topic);
+    let broker = InMemoryPubSub::new(InMemoryConfig::default());
+    let target: Arc<dyn Publisher> = Arc::new(broker.publisher());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn({
+        let pubsub = pubsub.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            outbox
+                .run_forwarder(&pubsub, "f", ForwarderConfig::new("x"), target, shutdown)
+                .await
+        }
+    });
+    let name = format!("factline_outbox:{}:{outbox_topic}:f", common::schema());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while forwarder_lock_holders(&pubsub, &outbox_topic, "f").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the forwarder took its lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The lock's session dies (a failover, an administrator, a network cut).
+    let killed: bool = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = hashtext($1)::bigint",
+    )
+    .bind(name)
+    .fetch_one(pubsub.pool())
+    .await
+    .unwrap();
+    assert!(killed);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the forwarder stops within 10 s of losing its lock")
+        .unwrap();
+    assert!(
+        matches!(stopped, Err(factline_sql::RunForwarderError::LockLost(_))),
+        "{stopped:?}"
     );
-    store.release(&scope, "k1").await.unwrap();
-    assert_eq!(other.begin(&scope, "k1").await.unwrap(), Claim::New);
-    other.complete(&scope, "k1").await.unwrap();
-    assert_eq!(store.begin(&scope, "k1").await.unwrap(), Claim::AlreadyDone);
-    store.release(&scope, "k1").await.unwrap();
-    assert_eq!(
-        store.begin(&scope, "k1").await.unwrap(),
-        Claim::AlreadyDone,
-        "release never forgets a done key"
-    );
-    // An abandoned claim is taken over after claim_ttl; a done key is forgotten after ttl.
-    assert_eq!(store.begin(&scope, "k2").await.unwrap(), Claim::New);
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
-    assert_eq!(other.begin(&scope, "k2").await.unwrap(), Claim::New);
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert_eq!(store.begin(&scope, "k1").await.unwrap(), Claim::New);
-    assert!(store.delete_expired().await.unwrap() <= 2);
+    shutdown.cancel();
 }
 
 #[tokio::test]

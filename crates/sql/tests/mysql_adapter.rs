@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod mysql_common;
+mod outbox_common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use factline_messaging::{
     Forwarder, ForwarderConfig, InMemoryConfig, InMemoryPubSub, Message, MessageStream, Publisher,
     Subscriber,
 };
-use factline_sql::mysql::{ConnectError, MySqlPubSub, MySqlPubSubConfig};
+use factline_sql::DedupConfig;
+use factline_sql::mysql::{ConnectError, MySqlDedupStore, MySqlPubSub, MySqlPubSubConfig};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -162,6 +164,59 @@ async fn the_outbox_forwards_committed_messages_in_order() {
     let ids: Vec<_> = got.iter().map(|m| m.id.clone()).collect();
     let wanted: Vec<_> = staged.iter().map(|m| m.id.clone()).collect();
     assert_eq!(ids, wanted);
+}
+
+#[tokio::test]
+#[ignore = "needs MariaDB: set FACTLINE_TEST_MYSQL_URL"]
+async fn one_outbox_forwarder_runs_at_a_time_and_a_standby_takes_over() {
+    let pubsub = mysql_common::pubsub().await;
+    let outbox = unique("outbox");
+    let start = |target: Arc<dyn Publisher>, shutdown: CancellationToken| {
+        let pubsub = pubsub.clone();
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            pubsub
+                .run_forwarder(
+                    &outbox,
+                    "forwarder",
+                    ForwarderConfig::new("x"),
+                    target,
+                    shutdown,
+                )
+                .await
+        })
+    };
+    let stage = |payload: &'static str| {
+        let pubsub = pubsub.clone();
+        let outbox = outbox.clone();
+        async move {
+            let mut tx = pubsub.pool().begin().await.unwrap();
+            pubsub
+                .stage(&mut tx, &outbox, "dest", vec![Message::new(payload)])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    outbox_common::one_forwarder_at_a_time(start, stage).await;
+}
+
+#[tokio::test]
+#[ignore = "needs MariaDB: set FACTLINE_TEST_MYSQL_URL"]
+async fn the_dedup_store_keeps_the_contract_across_instances() {
+    let config = DedupConfig::default()
+        .ttl(Duration::from_secs(2))
+        .claim_ttl(Duration::from_secs(1));
+    let first = MySqlDedupStore::new(&mysql_common::pubsub().await, config.clone());
+    let second = MySqlDedupStore::new(&mysql_common::pubsub().await, config.clone());
+    factline_messaging::testkit::dedup::check_dedup_store(
+        &first,
+        &second,
+        config.claim_ttl,
+        config.ttl,
+    )
+    .await;
+    first.delete_expired().await.unwrap();
 }
 
 #[tokio::test]

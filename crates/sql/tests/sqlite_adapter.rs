@@ -10,7 +10,10 @@ use factline_messaging::{
     Forwarder, ForwarderConfig, InMemoryConfig, InMemoryPubSub, Message, MessageStream, Publisher,
     Subscriber,
 };
-use factline_sql::sqlite::{ConnectError, SqlitePubSub, SqlitePubSubConfig};
+use factline_sql::sqlite::{ConnectError, SqliteDedupStore, SqlitePubSub, SqlitePubSubConfig};
+use factline_sql::{DedupConfig, RunForwarderError};
+
+mod outbox_common;
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -220,6 +223,110 @@ async fn the_outbox_forwards_in_order_across_a_reopen() {
         all, wanted,
         "the second run continues where the first stopped, in order"
     );
+}
+
+#[tokio::test]
+async fn one_outbox_forwarder_runs_at_a_time_and_a_standby_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two processes on one file: two pools.
+    let (first, second) = (open(&dir).await, open(&dir).await);
+    let starts = std::sync::atomic::AtomicUsize::new(0);
+    let start = |target: Arc<dyn Publisher>, shutdown: CancellationToken| {
+        // The first forwarder runs on the first pool, the standby on the second.
+        let pubsub = if starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        tokio::spawn(async move {
+            pubsub
+                .run_forwarder(
+                    "outbox",
+                    "forwarder",
+                    ForwarderConfig::new("x"),
+                    target,
+                    shutdown,
+                )
+                .await
+        })
+    };
+    let stage = |payload: &'static str| {
+        let pubsub = first.clone();
+        async move {
+            let mut tx = pubsub.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+            pubsub
+                .stage(&mut tx, "outbox", "dest", vec![Message::new(payload)])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    outbox_common::one_forwarder_at_a_time(start, stage).await;
+}
+
+#[tokio::test]
+async fn a_forwarder_whose_lease_is_taken_over_stops_with_lock_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let pubsub = open(&dir).await;
+    let broker = InMemoryPubSub::new(InMemoryConfig::default());
+    let target: Arc<dyn Publisher> = Arc::new(broker.publisher());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn({
+        let pubsub = pubsub.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            pubsub
+                .run_forwarder("outbox", "f", ForwarderConfig::new("x"), target, shutdown)
+                .await
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM fl_forwarders")
+            .fetch_one(pubsub.pool())
+            .await
+            .unwrap();
+        if held == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the forwarder took its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another forwarder took the lease over (as if this one had stalled past the lease).
+    sqlx::query("UPDATE fl_forwarders SET owner = x'00'")
+        .execute(pubsub.pool())
+        .await
+        .unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the forwarder stops within 10 s of losing its lease")
+        .unwrap();
+    assert!(
+        matches!(stopped, Err(RunForwarderError::LockLost(_))),
+        "{stopped:?}"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_dedup_store_keeps_the_contract_across_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DedupConfig::default()
+        .ttl(Duration::from_secs(2))
+        .claim_ttl(Duration::from_secs(1));
+    let first = SqliteDedupStore::new(&open(&dir).await, config.clone());
+    let second = SqliteDedupStore::new(&open(&dir).await, config.clone());
+    factline_messaging::testkit::dedup::check_dedup_store(
+        &first,
+        &second,
+        config.claim_ttl,
+        config.ttl,
+    )
+    .await;
+    first.delete_expired().await.unwrap();
 }
 
 #[tokio::test]

@@ -31,6 +31,7 @@
 //! rule.
 
 pub mod cases;
+pub mod dedup;
 pub mod support;
 
 use std::future::Future;

@@ -11,6 +11,8 @@
 //! caller's transaction. There is no `LISTEN`: subscriptions in the publishing process are woken
 //! at once, others look every [`MySqlPubSubConfig::poll_interval`].
 
+mod dedup;
+
 use std::collections::HashMap;
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,17 +20,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use factline_messaging::{BoxError, CloseError, DeliverFrom, Message, PublishError, Publisher};
+use factline_messaging::{
+    BoxError, CloseError, DeliverFrom, ForwarderConfig, Message, PublishError, Publisher,
+    Subscriber,
+};
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, QueryBuilder, Row as _};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::engine::{
     Claimed, InvalidGroup, Row, Rows, Settings, SqlSubscriber, Store, boxed, check_group,
     check_settings, millis, staged,
 };
+use crate::forwarding::{LOCK_CHECK_INTERVAL, RunForwarderError, forward_while_locked};
 use crate::names::table_for_topic;
+pub use dedup::MySqlDedupStore;
 
 /// Settings of a [`MySqlPubSub`]; every value is checked by [`MySqlPubSub::connect`].
 #[derive(Debug, Clone)]
@@ -290,6 +298,13 @@ impl MySqlPubSub {
                     PRIMARY KEY (table_name, group_name, msg_offset),
                     KEY fl_deliveries_consumer (consumer)
                 ) ENGINE = InnoDB",
+                "CREATE TABLE IF NOT EXISTS fl_dedup (
+                    scope VARBINARY(255) NOT NULL,
+                    dkey VARBINARY(255) NOT NULL,
+                    done BOOLEAN NOT NULL,
+                    at_us BIGINT NOT NULL,
+                    PRIMARY KEY (scope, dkey)
+                ) ENGINE = InnoDB",
             ] {
                 sqlx::query(statement).execute(&mut first).await?;
             }
@@ -376,8 +391,7 @@ impl MySqlPubSub {
     }
 
     /// Stages `messages` for `destination` on the outbox topic `outbox_topic` in the caller's
-    /// transaction; forward them with a [`factline_messaging::Forwarder`] reading
-    /// `outbox_topic` from [`MySqlPubSub::subscriber_in_group`] (run one at a time).
+    /// transaction; [`MySqlPubSub::run_forwarder`] forwards them once it commits.
     pub async fn stage(
         &self,
         conn: &mut MySqlConnection,
@@ -391,10 +405,108 @@ impl MySqlPubSub {
             .await
     }
 
+    /// Runs a [`Forwarder`](factline_messaging::Forwarder) from the outbox topic
+    /// `outbox_topic` to `target` until `shutdown`, as the only one on the server: it first
+    /// takes the named lock (`GET_LOCK`) of this database, outbox topic and group on a
+    /// connection of its own (others wait, as standbys, trying every second, and take over
+    /// when that connection ends — at a stop or a crash alike), so that order per key holds.
+    /// While forwarding it checks every second that its connection still holds the lock; if
+    /// not, it stops with [`RunForwarderError::LockLost`]. The forwarder reads the outbox as
+    /// the consumer group `group`; `config.outbox_topic` is replaced by `outbox_topic`.
+    pub async fn run_forwarder(
+        &self,
+        outbox_topic: &str,
+        group: &str,
+        config: ForwarderConfig,
+        target: Arc<dyn Publisher>,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunForwarderError> {
+        let lock_error = |error| RunForwarderError::Lock(boxed(error));
+        let subscriber: Arc<dyn Subscriber> = Arc::new(
+            self.subscriber_in_group(group)
+                .map_err(|error| RunForwarderError::Lock(Box::new(error)))?,
+        );
+        let mut conn = self
+            .shared
+            .pool
+            .acquire()
+            .await
+            .map_err(lock_error)?
+            .detach();
+        let database: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(lock_error)?;
+        let lock_name = forwarder_lock_name(database.as_deref().unwrap_or(""), outbox_topic, group);
+        loop {
+            let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 0)")
+                .bind(&lock_name)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(lock_error)?;
+            if locked == Some(1) {
+                break;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    let _ = conn.close().await;
+                    return Ok(());
+                }
+                () = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
+            }
+        }
+        let lock_lost = async {
+            loop {
+                tokio::time::sleep(LOCK_CHECK_INTERVAL).await;
+                let held: Result<Option<i64>, _> =
+                    sqlx::query_scalar("SELECT IS_USED_LOCK(?) = CONNECTION_ID()")
+                        .bind(&lock_name)
+                        .fetch_one(&mut conn)
+                        .await;
+                match held {
+                    Ok(Some(1)) => {}
+                    Ok(_) => return BoxError::from("the named lock is held by another session"),
+                    Err(error) => return boxed(error),
+                }
+            }
+        };
+        let result = forward_while_locked(
+            outbox_topic,
+            group,
+            config,
+            subscriber,
+            target,
+            shutdown,
+            lock_lost,
+        )
+        .await;
+        // Ending the session releases the lock.
+        let _ = conn.close().await;
+        result
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         self.shared.pool.close().await;
     }
+}
+
+/// The name of the outbox forwarder's lock: named locks are server-wide and at most 64
+/// characters, so a hash of database, outbox topic and group.
+fn forwarder_lock_name(database: &str, outbox_topic: &str, group: &str) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for part in [database, outbox_topic, group] {
+        hasher.update(part.len().to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut name = String::from("fl_outbox_");
+    for byte in &digest[..16] {
+        use std::fmt::Write as _;
+        let _ = write!(name, "{byte:02x}");
+    }
+    name
 }
 
 /// Publishes to topic tables of a [`MySqlPubSub`].

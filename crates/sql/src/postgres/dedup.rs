@@ -1,54 +1,19 @@
 //! A persistent [`DedupStore`] on PostgreSQL, for the deduplication middleware.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use factline_messaging::BoxError;
 use factline_messaging::middleware::{Claim, DedupStore};
 use sqlx::AssertSqlSafe;
 
 use super::{PgPubSub, boxed};
-
-/// Settings of a [`PgDedupStore`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PgDedupConfig {
-    /// How long a done key is remembered; a redelivery after that is handled again.
-    /// Default 7 days.
-    pub ttl: Duration,
-    /// How long a claim holds without being completed or released before the next `begin`
-    /// takes it over (it must outlast the handler and its retries). Default 5 minutes.
-    pub claim_ttl: Duration,
-}
-
-impl Default for PgDedupConfig {
-    fn default() -> Self {
-        Self {
-            ttl: Duration::from_secs(7 * 24 * 3_600),
-            claim_ttl: Duration::from_secs(5 * 60),
-        }
-    }
-}
-
-impl PgDedupConfig {
-    /// Builder: see [`PgDedupConfig::ttl`].
-    #[must_use]
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// Builder: see [`PgDedupConfig::claim_ttl`].
-    #[must_use]
-    pub fn claim_ttl(mut self, ttl: Duration) -> Self {
-        self.claim_ttl = ttl;
-        self
-    }
-}
+/// Settings of a [`PgDedupStore`] (the same for every SQL backend).
+pub use crate::dedup::DedupConfig as PgDedupConfig;
+use crate::dedup::stored_key;
 
 /// Keys of handled messages in `{schema}.fl_dedup`, shared by every process on the database:
 /// a redelivery, to this consumer or another, finds the key done. Expired entries are taken
-/// over in place; [`PgDedupStore::delete_expired`] removes them in bulk.
+/// over in place; [`PgDedupStore::delete_expired`] removes them in bulk. Scopes and keys with a NUL
+/// (which PostgreSQL's text cannot hold) are kept as their SHA-256.
 #[derive(Debug, Clone)]
 pub struct PgDedupStore {
     pubsub: PgPubSub,
@@ -100,8 +65,8 @@ impl PgDedupStore {
 impl DedupStore for PgDedupStore {
     async fn begin(&self, scope: &str, key: &str) -> Result<Claim, BoxError> {
         let state: String = sqlx::query_scalar(AssertSqlSafe(self.begin_sql.as_str()))
-            .bind(scope)
-            .bind(key)
+            .bind(stored_key(scope, usize::MAX).as_ref())
+            .bind(stored_key(key, usize::MAX).as_ref())
             .bind(self.config.claim_ttl.as_secs_f64())
             .bind(self.config.ttl.as_secs_f64())
             .fetch_one(&self.pubsub.shared.pool)
@@ -120,8 +85,8 @@ impl DedupStore for PgDedupStore {
             "INSERT INTO {schema}.fl_dedup (scope, key, done, at) VALUES ($1, $2, true, now()) \
              ON CONFLICT (scope, key) DO UPDATE SET done = true, at = now()"
         )))
-        .bind(scope)
-        .bind(key)
+        .bind(stored_key(scope, usize::MAX).as_ref())
+        .bind(stored_key(key, usize::MAX).as_ref())
         .execute(&self.pubsub.shared.pool)
         .await
         .map_err(boxed)?;
@@ -133,8 +98,8 @@ impl DedupStore for PgDedupStore {
         sqlx::query(AssertSqlSafe(format!(
             "DELETE FROM {schema}.fl_dedup WHERE scope = $1 AND key = $2 AND NOT done"
         )))
-        .bind(scope)
-        .bind(key)
+        .bind(stored_key(scope, usize::MAX).as_ref())
+        .bind(stored_key(key, usize::MAX).as_ref())
         .execute(&self.pubsub.shared.pool)
         .await
         .map_err(boxed)?;

@@ -1,17 +1,18 @@
 //! The outbox on PostgreSQL: messages staged in the application's transaction, written to an
-//! outbox topic with their destination, and forwarded by a [`Forwarder`].
+//! outbox topic with their destination, and forwarded by a
+//! [`Forwarder`](factline_messaging::Forwarder).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use factline_messaging::{
-    DESTINATION_KEY, ForwardError, Forwarder, ForwarderConfig, Message, PublishError, Publisher,
-    Subscriber,
+    DESTINATION_KEY, ForwarderConfig, Message, PublishError, Publisher, Subscriber,
 };
 use sqlx::postgres::PgConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{PgPublisher, boxed};
+pub use crate::forwarding::RunForwarderError;
+use crate::forwarding::{LOCK_CHECK_INTERVAL, forward_while_locked};
 
 /// The metadata key that carries a staged message's destination topic.
 pub const OUTBOX_DESTINATION_KEY: &str = DESTINATION_KEY;
@@ -58,11 +59,13 @@ impl PgOutbox {
         self.publisher.publish_in(conn, &self.topic, messages).await
     }
 
-    /// Runs a [`Forwarder`] from this outbox to `target` until `shutdown`, as the only one
-    /// among all processes: it first takes a session advisory lock named after the schema and
-    /// topic (others wait, as standbys, and take over when its session ends), so that order
-    /// per key holds. The forwarder reads the outbox as the consumer group `group`;
-    /// `config.outbox_topic` is replaced by this outbox's topic.
+    /// Runs a [`Forwarder`](factline_messaging::Forwarder) from this outbox to `target` until
+    /// `shutdown`, as the only one among all processes: it first takes a session advisory lock
+    /// named after the schema and topic (others wait, as standbys, trying every second, and
+    /// take over when its session ends), so that order per key holds. While forwarding it checks its session every second;
+    /// if the session broke (the lock is then free for a standby) it stops with
+    /// [`RunForwarderError::LockLost`]. The forwarder reads the outbox as the consumer group
+    /// `group`; `config.outbox_topic` is replaced by this outbox's topic.
     pub async fn run_forwarder(
         &self,
         pubsub: &super::PgPubSub,
@@ -100,29 +103,29 @@ impl PgOutbox {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
             }
         }
-        tracing::info!(outbox = %self.topic, group, "outbox forwarder is the active one");
-        let mut config = config;
-        config.outbox_topic = self.topic.clone();
-        let forwarder = Forwarder::new(config, Arc::clone(&subscriber), target);
-        let result = forwarder.run(shutdown).await;
-        let _ = subscriber.close().await;
+        let lock_lost = async {
+            loop {
+                tokio::time::sleep(LOCK_CHECK_INTERVAL).await;
+                if let Err(error) = sqlx::query("SELECT 1").execute(&mut conn).await {
+                    return boxed(error);
+                }
+            }
+        };
+        let result = forward_while_locked(
+            &self.topic,
+            group,
+            config,
+            subscriber,
+            target,
+            shutdown,
+            lock_lost,
+        )
+        .await;
         // Closing the session releases the lock.
         let _ = sqlx::Connection::close(conn).await;
-        result.map_err(RunForwarderError::Forward)
+        result
     }
-}
-
-/// Why [`PgOutbox::run_forwarder`] stopped other than by its shutdown.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RunForwarderError {
-    /// Taking the forwarder's lock failed.
-    #[error("taking the outbox forwarder's lock failed: {0}")]
-    Lock(#[source] factline_messaging::BoxError),
-    /// The forwarder stopped.
-    #[error(transparent)]
-    Forward(#[from] ForwardError),
 }

@@ -9,6 +9,8 @@
 //! that published are woken at once; others look every
 //! [`SqlitePubSubConfig::poll_interval`].
 
+mod dedup;
+
 use std::collections::HashMap;
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,20 +18,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use factline_messaging::{BoxError, CloseError, DeliverFrom, Message, PublishError, Publisher};
+use factline_messaging::{
+    BoxError, CloseError, DeliverFrom, ForwarderConfig, Message, PublishError, Publisher,
+    Subscriber,
+};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, QueryBuilder, Row as _, Sqlite};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::engine::{
     Claimed, InvalidGroup, Row, Rows, Settings, SqlSubscriber, Store, boxed, check_group,
     check_settings, millis, staged,
 };
+use crate::forwarding::{LOCK_CHECK_INTERVAL, RunForwarderError, forward_while_locked};
 use crate::names::table_for_topic;
+pub use dedup::SqliteDedupStore;
 
 /// Settings of a [`SqlitePubSub`]; every value is checked by [`SqlitePubSub::connect`].
 #[derive(Debug, Clone)]
@@ -292,6 +300,18 @@ impl SqlitePubSub {
                     PRIMARY KEY (table_name, group_name, msg_offset)
                 )",
                 "CREATE INDEX IF NOT EXISTS fl_deliveries_consumer ON fl_deliveries (consumer)",
+                "CREATE TABLE IF NOT EXISTS fl_dedup (
+                    scope TEXT NOT NULL,
+                    dkey TEXT NOT NULL,
+                    done INTEGER NOT NULL,
+                    at_us INTEGER NOT NULL,
+                    PRIMARY KEY (scope, dkey)
+                )",
+                "CREATE TABLE IF NOT EXISTS fl_forwarders (
+                    name TEXT PRIMARY KEY,
+                    owner BLOB NOT NULL,
+                    expires_at INTEGER NOT NULL
+                )",
             ] {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
@@ -362,8 +382,7 @@ impl SqlitePubSub {
     }
 
     /// Stages `messages` for `destination` on the outbox topic `outbox_topic` in the caller's
-    /// transaction; forward them with a [`factline_messaging::Forwarder`] reading
-    /// `outbox_topic` from [`SqlitePubSub::subscriber_in_group`] (run one at a time).
+    /// transaction; [`SqlitePubSub::run_forwarder`] forwards them once it commits.
     pub async fn stage(
         &self,
         conn: &mut SqliteConnection,
@@ -375,6 +394,99 @@ impl SqlitePubSub {
         self.publisher()
             .publish_in(conn, outbox_topic, messages)
             .await
+    }
+
+    /// Runs a [`Forwarder`](factline_messaging::Forwarder) from the outbox topic
+    /// `outbox_topic` to `target` until `shutdown`, as the only one on the database: it first
+    /// takes the lease row of this outbox topic and group in `fl_forwarders` (others wait, as
+    /// standbys, trying every second; a stop gives the lease up at once, a crash after
+    /// [`SqlitePubSubConfig::claim_lease`]), so that order per key holds. While forwarding it
+    /// renews the lease every second (or every third of the lease, if shorter); when the lease
+    /// was taken over (not renewed in time) it stops with [`RunForwarderError::LockLost`]. The
+    /// forwarder reads the outbox as the consumer group `group`; `config.outbox_topic` is
+    /// replaced by `outbox_topic`.
+    pub async fn run_forwarder(
+        &self,
+        outbox_topic: &str,
+        group: &str,
+        config: ForwarderConfig,
+        target: Arc<dyn Publisher>,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunForwarderError> {
+        let subscriber: Arc<dyn Subscriber> = Arc::new(
+            self.subscriber_in_group(group)
+                .map_err(|error| RunForwarderError::Lock(Box::new(error)))?,
+        );
+        let pool = &self.shared.pool;
+        let lease = self.shared.config.claim_lease;
+        let name = serde_json::json!([outbox_topic, group]).to_string();
+        let owner = Uuid::now_v7();
+        loop {
+            let now = now_micros();
+            let taken = sqlx::query(
+                "INSERT INTO fl_forwarders (name, owner, expires_at) VALUES (?1, ?2, ?3)                  ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,                      expires_at = excluded.expires_at                  WHERE fl_forwarders.expires_at < ?4 OR fl_forwarders.owner = excluded.owner",
+            )
+            .bind(&name)
+            .bind(owner)
+            .bind(now.saturating_add(micros(lease)))
+            .bind(now)
+            .execute(pool)
+            .await
+            .map_err(|error| RunForwarderError::Lock(boxed(error)))?;
+            if taken.rows_affected() == 1 {
+                break;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
+            }
+        }
+        let renew_every = LOCK_CHECK_INTERVAL.min(lease / 3);
+        let lock_lost = async {
+            let mut renewed_at = now_micros();
+            loop {
+                tokio::time::sleep(renew_every).await;
+                let now = now_micros();
+                let renewed = sqlx::query(
+                    "UPDATE fl_forwarders SET expires_at = ?1 WHERE name = ?2 AND owner = ?3",
+                )
+                .bind(now.saturating_add(micros(lease)))
+                .bind(&name)
+                .bind(owner)
+                .execute(pool)
+                .await;
+                match renewed {
+                    Ok(done) if done.rows_affected() == 1 => renewed_at = now,
+                    Ok(_) => {
+                        return BoxError::from(
+                            "the forwarder's lease was taken over by another forwarder",
+                        );
+                    }
+                    // A busy database: the lease still holds until it runs out.
+                    Err(error) if now.saturating_sub(renewed_at) < micros(lease) => {
+                        tracing::warn!(%error, "renewing the outbox forwarder's lease failed");
+                    }
+                    Err(error) => return boxed(error),
+                }
+            }
+        };
+        let result = forward_while_locked(
+            outbox_topic,
+            group,
+            config,
+            subscriber,
+            target,
+            shutdown,
+            lock_lost,
+        )
+        .await;
+        // Give the lease up at once, for a standby.
+        let _ = sqlx::query("DELETE FROM fl_forwarders WHERE name = ?1 AND owner = ?2")
+            .bind(&name)
+            .bind(owner)
+            .execute(pool)
+            .await;
+        result
     }
 
     /// Closes the pool.
