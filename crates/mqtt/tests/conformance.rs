@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use factline_messaging::testkit::{Features, PubSubFixture};
+use factline_messaging::testkit::{Features, PubSubFixture, run_restart_command};
 use factline_messaging::{Publisher, Subscriber};
 use factline_mqtt::{MqttConfig, MqttPubSub};
 
@@ -62,20 +62,11 @@ impl PubSubFixture for MqttFixture {
     }
 
     async fn restart_broker(&self) -> Result<(), String> {
-        let Some(command) = &self.restart_command else {
-            return Err("FACTLINE_TEST_MQTT_RESTART is not set".into());
-        };
-        let status = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(command)
-            .status()
-            .await
-            .map_err(|error| format!("running {command:?}: {error}"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("{command:?} exited with {status}"))
-        }
+        run_restart_command(
+            self.restart_command.as_deref(),
+            "FACTLINE_TEST_MQTT_RESTART",
+        )
+        .await
     }
 
     fn delivery_timeout(&self) -> Duration {

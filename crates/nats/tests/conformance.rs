@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use factline_messaging::testkit::{Features, PubSubFixture};
+use factline_messaging::testkit::{Features, PubSubFixture, run_restart_command};
 use factline_messaging::{Publisher, Subscriber};
 use factline_nats::{NatsConfig, NatsPubSub};
 
@@ -104,18 +104,11 @@ impl PubSubFixture for NatsFixture {
     }
 
     async fn restart_broker(&self) -> Result<(), String> {
-        let Some(command) = &self.restart_command else {
-            return Err("FACTLINE_TEST_NATS_RESTART is not set".into());
-        };
-        let status = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(command)
-            .status()
-            .await
-            .map_err(|error| format!("running {command:?}: {error}"))?;
-        if !status.success() {
-            return Err(format!("{command:?} exited with {status}"));
-        }
+        run_restart_command(
+            self.restart_command.as_deref(),
+            "FACTLINE_TEST_NATS_RESTART",
+        )
+        .await?;
         // Wait for the client to be connected again.
         for _ in 0..200 {
             if self.pubsub.client().connection_state() == async_nats::connection::State::Connected {
