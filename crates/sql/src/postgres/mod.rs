@@ -261,12 +261,19 @@ pub(crate) struct Shared {
     /// `NOTIFY` channel of this schema.
     pub(crate) channel: String,
     /// Topics whose table is known to exist.
-    topics: Mutex<HashMap<String, Arc<TopicSql>>>,
+    topics: Mutex<KnownTopics>,
     /// Table names notified (by the listener; `""` after a reconnect: anything may have
     /// changed).
     pub(crate) notified: broadcast::Sender<Arc<str>>,
     listener_started: AtomicBool,
     pub(crate) closed: CancellationToken,
+}
+
+/// The topics a process has seen, by topic (for publishing) and by table (for claims).
+#[derive(Default)]
+struct KnownTopics {
+    by_topic: HashMap<String, Arc<TopicSql>>,
+    by_table: HashMap<String, Arc<TopicSql>>,
 }
 
 impl Shared {
@@ -277,7 +284,12 @@ impl Shared {
     /// The topic's SQL, making its table (and registering it) when this process has not
     /// seen it yet.
     pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicSql>, BoxError> {
-        if let Some(known) = self.topics.lock().ok().and_then(|t| t.get(topic).cloned()) {
+        if let Some(known) = self
+            .topics
+            .lock()
+            .ok()
+            .and_then(|known| known.by_topic.get(topic).cloned())
+        {
             return Ok(known);
         }
         let table = table_for_topic(topic);
@@ -328,16 +340,16 @@ impl Shared {
         .map_err(boxed)?;
         tx.commit().await.map_err(boxed)?;
         let sql = Arc::new(TopicSql::new(schema, table));
-        if let Ok(mut topics) = self.topics.lock() {
-            topics.insert(topic.to_owned(), Arc::clone(&sql));
+        if let Ok(mut known) = self.topics.lock() {
+            known.by_topic.insert(topic.to_owned(), Arc::clone(&sql));
+            known.by_table.insert(sql.table.clone(), Arc::clone(&sql));
         }
         Ok(sql)
     }
 
     /// The SQL of the topic whose table is `table`, when this process knows it.
     pub(crate) fn topic_sql(&self, table: &str) -> Option<Arc<TopicSql>> {
-        let topics = self.topics.lock().ok()?;
-        topics.values().find(|sql| sql.table == table).cloned()
+        self.topics.lock().ok()?.by_table.get(table).cloned()
     }
 
     /// Starts the `LISTEN` task once.
@@ -486,7 +498,7 @@ impl PgPubSub {
             pool,
             config,
             channel,
-            topics: Mutex::new(HashMap::new()),
+            topics: Mutex::new(KnownTopics::default()),
             notified,
             listener_started: AtomicBool::new(false),
             closed: CancellationToken::new(),
