@@ -18,9 +18,11 @@ use factline_messaging::{
     Acknowledger, CloseError, DeliverFrom, Message, MessageStream, Outcome, ReceiveError,
     SubscribeError, Subscriber,
 };
+use futures::FutureExt as _;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -72,6 +74,10 @@ impl KafkaSubscriber {
         let mut client = config.client_config(&self.shared.bootstrap);
         client
             .set("enable.partition.eof", "false")
+            // librdkafka stops fetching a partition whose prefetched records exceed its queue
+            // limits and looks again only after this (1 s by default): an application a little
+            // slower than the fetcher then sees 1 s gaps.
+            .set("fetch.queue.backoff.ms", "100")
             .set("allow.auto.create.topics", "false")
             .set(
                 "auto.offset.reset",
@@ -186,6 +192,7 @@ impl Subscriber for KafkaSubscriber {
             partitions: HashMap::new(),
             epoch_last: 0,
             unsettled: 0,
+            full_since: None,
             paused: false,
             timers: BinaryHeap::new(),
             out,
@@ -242,6 +249,14 @@ async fn futures_join_all(tasks: Vec<JoinHandle<()>>) {
         let _ = task.await;
     }
 }
+
+/// How long a subscription may sit at `in_flight_max` without taking records before it pauses
+/// its assignment.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Records a subscription takes from librdkafka in one turn before it looks at settlements,
+/// rebalances and timers again.
+const RECORDS_PER_TURN_MAX: usize = 256;
 
 /// A partition assignment change, told by the consumer's rebalance callbacks.
 #[derive(Debug)]
@@ -330,6 +345,9 @@ struct Subscription {
     epoch_last: u64,
     /// Unsettled deliveries over all partitions.
     unsettled: usize,
+    /// Since when `unsettled` is at `in_flight_max` (the task stopped taking records).
+    full_since: Option<Instant>,
+    /// The assignment is paused (the limit held for [`PAUSE_AFTER`]).
     paused: bool,
     /// Delayed redeliveries: (due, partition, offset, epoch).
     timers: BinaryHeap<Reverse<(Instant, i32, i64, u64)>>,
@@ -422,24 +440,58 @@ impl Subscription {
         alive
     }
 
-    /// Pauses fetching at `in_flight_max` unsettled deliveries, resumes below half of it.
+    /// Whether the task takes records from the consumer: until `in_flight_max` unsettled
+    /// deliveries, then again once acks brought them down to half of it (taking records one
+    /// ack at a time would wake this task and the consumer for every single record); and
+    /// while the assignment is paused (then none come, but polling serves the consumer's
+    /// rebalances and keeps it in the group).
+    fn takes_records(&self) -> bool {
+        self.full_since.is_none() || self.paused
+    }
+
+    /// When a stall at the limit has lasted long enough to pause the assignment.
+    fn pause_due(&self) -> Option<Instant> {
+        match (self.full_since, self.paused) {
+            (Some(since), false) => Some(since + PAUSE_AFTER),
+            _ => None,
+        }
+    }
+
+    /// Tracks the limit: at `in_flight_max` unsettled deliveries the task stops taking
+    /// records, which then wait in librdkafka's fetch queue (bounded by librdkafka), and goes
+    /// on at half of it, resuming the assignment if it was paused.
     fn limit_in_flight(&mut self) {
-        let pause = self.unsettled >= self.in_flight_max;
-        let resume = self.unsettled <= self.in_flight_max / 2;
-        if (pause && !self.paused) || (resume && self.paused) {
-            let Ok(assignment) = self.consumer.assignment() else {
-                return;
-            };
-            let result = if pause {
-                self.consumer.pause(&assignment)
-            } else {
-                self.consumer.resume(&assignment)
-            };
-            match result {
-                Ok(()) => self.paused = pause,
-                Err(error) => {
-                    tracing::warn!(%error, topic = %self.topic, "kafka: pause/resume failed")
-                }
+        if self.unsettled >= self.in_flight_max {
+            self.full_since.get_or_insert_with(Instant::now);
+        } else if self.unsettled <= self.in_flight_max / 2 {
+            self.full_since = None;
+            if self.paused {
+                self.pause_or_resume(false);
+            }
+        }
+    }
+
+    /// The limit held for [`PAUSE_AFTER`]: pause the assignment, so that the task can poll the
+    /// consumer again (a consumer not polled for `max.poll.interval.ms` leaves its group)
+    /// without taking records. Pausing is not the first resort because librdkafka drops the
+    /// records it fetched for a paused partition and fetches them again on resume.
+    fn pause_long_stall(&mut self) {
+        self.pause_or_resume(true);
+    }
+
+    fn pause_or_resume(&mut self, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match result {
+            Ok(()) => self.paused = pause,
+            Err(error) => {
+                tracing::warn!(%error, topic = %self.topic, "kafka: pause/resume failed")
             }
         }
     }
@@ -538,6 +590,8 @@ impl Subscription {
         let mut errors_logged_at: Option<Instant> = None;
         loop {
             let due = self.timers.peek().map(|Reverse((at, ..))| *at);
+            let pause_due = self.pause_due();
+            let takes_records = self.takes_records();
             tokio::select! {
                 biased;
                 () = closed.cancelled() => break,
@@ -567,29 +621,40 @@ impl Subscription {
                         break;
                     }
                 }
-                record = consumer.recv() => match record {
-                    Ok(record) => {
-                        // Rebalances told during this poll come before its records.
-                        while let Ok(event) = rebalances.try_recv() {
-                            self.rebalanced(event);
+                () = sleep_until(pause_due) => self.pause_long_stall(),
+                record = consumer.recv(), if takes_records => {
+                    // Take what librdkafka has ready in one go (up to a bound, and while the
+                    // limit allows): going back through the select for every record would
+                    // hand the task back and forth with the application's acks per record.
+                    let mut next = Some(record);
+                    let mut taken = 0;
+                    let mut alive = true;
+                    while let Some(record) = next.take() {
+                        match record {
+                            Ok(record) => {
+                                // Rebalances told during this poll come before its records.
+                                while let Ok(event) = rebalances.try_recv() {
+                                    self.rebalanced(event);
+                                }
+                                alive = self.received(&record);
+                                taken += 1;
+                            }
+                            Err(error) => {
+                                self.consumer_failed(&error, &mut errors_logged_at);
+                                break;
+                            }
                         }
-                        if !self.received(&record) {
-                            break;
+                        if alive && taken < RECORDS_PER_TURN_MAX && self.takes_records() {
+                            next = consumer.recv().now_or_never();
                         }
                     }
-                    Err(error) => {
-                        // librdkafka reconnects and retries by itself; its errors here are
-                        // reports (a broker went away, a rebalance was interrupted).
-                        let quiet = errors_logged_at
-                            .is_some_and(|at| at.elapsed() < Duration::from_secs(10));
-                        if !quiet {
-                            tracing::warn!(%error, topic = %self.topic, "kafka: consumer error (retrying)");
-                            errors_logged_at = Some(Instant::now());
-                        }
+                    if !alive {
+                        break;
                     }
-                },
+                }
             }
         }
+
         // Closing: what was acked so far is stored and committed; the rest comes again to the
         // partitions' next owners.
         let (out, _) = mpsc::unbounded_channel();
@@ -627,6 +692,18 @@ impl Subscription {
             .is_err()
         {
             tracing::warn!("kafka: closing a consumer took longer than close_timeout");
+        }
+    }
+}
+
+impl Subscription {
+    /// librdkafka reconnects and retries by itself; its errors on the consumer are reports (a
+    /// broker went away, a rebalance was interrupted): logged, at most every 10 s.
+    fn consumer_failed(&self, error: &KafkaError, logged_at: &mut Option<Instant>) {
+        let quiet = logged_at.is_some_and(|at| at.elapsed() < Duration::from_secs(10));
+        if !quiet {
+            tracing::warn!(%error, topic = %self.topic, "kafka: consumer error (retrying)");
+            *logged_at = Some(Instant::now());
         }
     }
 }

@@ -452,3 +452,45 @@ async fn a_group_resumes_at_the_first_message_it_did_not_ack() {
     assert_silent(&mut fresh, Duration::from_secs(2), "third member").await;
     third.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Kafka: set FACTLINE_TEST_KAFKA_URL"]
+async fn a_subscription_holds_at_in_flight_max_and_goes_on_when_acks_come() {
+    let kafka = KafkaPubSub::connect(config().in_flight_max(8))
+        .await
+        .unwrap();
+    let topic = unique_name("in_flight");
+    let publisher = kafka.publisher();
+    let sent: Vec<Message> = (0..30).map(|i| keyed("one-key", i)).collect();
+    publisher.publish(&topic, sent).await.unwrap();
+    let subscriber = kafka
+        .subscriber_in_group(&unique_name("in_flight"))
+        .unwrap();
+    let mut stream = subscriber.subscribe(&topic).await.unwrap();
+    let mut held = Vec::new();
+    for expected in 0..8 {
+        let message = next(&mut stream, "up to the limit").await;
+        assert_eq!(seq(&message), expected);
+        held.push(message);
+    }
+    // At the limit nothing more comes, also once the assignment is paused (after 1 s).
+    assert_silent(&mut stream, Duration::from_secs(2), "at in_flight_max").await;
+    // Acking down to half resumes; the rest arrives in order.
+    for message in held.drain(..4) {
+        assert!(message.ack());
+    }
+    for expected in 8..30 {
+        let message = next(&mut stream, "after the acks").await;
+        assert_eq!(seq(&message), expected);
+        held.push(message);
+        if held.len() >= 6 {
+            for message in held.drain(..) {
+                assert!(message.ack());
+            }
+        }
+    }
+    for message in held {
+        assert!(message.ack());
+    }
+    subscriber.close().await.unwrap();
+}
