@@ -19,6 +19,9 @@
 //! at `--amqp-url`).
 //! MQTT (`mqtt`, QoS 1 on Mosquitto at `--mqtt-url`) is measured too; its consume phase is fed
 //! live rather than from a preloaded backlog (see `w8_mqtt.rs`).
+//! Kafka (`kafka`, the broker at `--kafka-url`): `factline-kafka` against `rdkafka` with the
+//! adapter's producer and consumer settings, on a topic of 4 partitions made before the clock
+//! (see `w8_kafka.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +54,8 @@ pub struct W8Options {
     pub amqp_url: String,
     /// The MQTT broker.
     pub mqtt_url: String,
+    /// The Kafka bootstrap brokers (`host:port[,host:port…]`).
+    pub kafka_url: String,
     /// How long one phase may take before the run fails.
     pub phase_timeout: Duration,
 }
@@ -68,6 +73,7 @@ impl W8Options {
             postgres_url: "postgres://postgres@127.0.0.1:5432/test".to_owned(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
             mqtt_url: "mqtt://127.0.0.1:1883".to_owned(),
+            kafka_url: "127.0.0.1:9092".to_owned(),
             phase_timeout: Duration::from_secs(120),
         }
     }
@@ -104,16 +110,19 @@ pub enum W8Adapter {
     Rabbitmq,
     /// MQTT (Mosquitto): `factline-mqtt` against `rumqttc`.
     Mqtt,
+    /// Kafka: `factline-kafka` against `rdkafka`.
+    Kafka,
 }
 
 impl W8Adapter {
     /// All, in report order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Nats,
         Self::Redis,
         Self::Rabbitmq,
         Self::Sql,
         Self::Mqtt,
+        Self::Kafka,
     ];
 
     /// Name in the table.
@@ -124,6 +133,7 @@ impl W8Adapter {
             Self::Sql => "sql",
             Self::Rabbitmq => "rabbitmq",
             Self::Mqtt => "mqtt",
+            Self::Kafka => "kafka",
         }
     }
 }
@@ -312,11 +322,30 @@ async fn router_consume(
     topic: &str,
     count: usize,
 ) -> Result<f64> {
+    let clocks = router_consume_clocked(subscriber, topic, count).await?;
+    Ok(count as f64 / clocks.last.duration_since(clocks.started).as_secs_f64())
+}
+
+/// When a [`router_consume_clocked`] run started, handled its first message and its last.
+struct ConsumeClocks {
+    started: Instant,
+    first: Instant,
+    last: Instant,
+}
+
+/// Runs a router consumer handler over `subscriber` that counts (the router acks) until the
+/// `count`th message is handled.
+async fn router_consume_clocked(
+    subscriber: Arc<dyn factline_messaging::Subscriber>,
+    topic: &str,
+    count: usize,
+) -> Result<ConsumeClocks> {
     let handled = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(std::sync::OnceLock::new());
     let done = Arc::new(tokio::sync::Notify::new());
     let mut router = Router::new(RouterConfig::default().close_timeout(Duration::from_secs(10)));
     {
-        let (handled, done) = (handled.clone(), done.clone());
+        let (handled, first, done) = (handled.clone(), first.clone(), done.clone());
         let target = count as u64;
         router
             .add_consumer_handler(
@@ -324,6 +353,7 @@ async fn router_consume(
                 topic,
                 subscriber,
                 consumer_fn(move |_message: Message| {
+                    first.get_or_init(Instant::now);
                     if handled.fetch_add(1, Ordering::Relaxed) + 1 == target {
                         done.notify_one();
                     }
@@ -335,9 +365,14 @@ async fn router_consume(
     let started = Instant::now();
     let running = router.start().await.context("start the router")?;
     done.notified().await;
-    let elapsed = started.elapsed().as_secs_f64();
+    let last = Instant::now();
     running.shutdown().await;
-    Ok(count as f64 / elapsed)
+    let first = *first.get().context("no message was handled")?;
+    Ok(ConsumeClocks {
+        started,
+        first,
+        last,
+    })
 }
 
 async fn measure(adapter: W8Adapter, phase: Phase, side: Side, options: &W8Options) -> Result<f64> {
@@ -347,6 +382,7 @@ async fn measure(adapter: W8Adapter, phase: Phase, side: Side, options: &W8Optio
         W8Adapter::Sql => sql::measure(phase, side, options).await,
         W8Adapter::Rabbitmq => rabbitmq::measure(phase, side, options).await,
         W8Adapter::Mqtt => mqtt::measure(phase, side, options).await,
+        W8Adapter::Kafka => kafka::measure(phase, side, options).await,
     }
 }
 
@@ -357,6 +393,10 @@ mod sql;
 /// W8 on MQTT (Mosquitto).
 #[path = "w8_mqtt.rs"]
 mod mqtt;
+
+/// W8 on Kafka.
+#[path = "w8_kafka.rs"]
+mod kafka;
 
 /// W8 on NATS JetStream.
 mod nats {

@@ -4,7 +4,7 @@
 use factline_bench::{W8Adapter, W8Options, render_w8, run_w8};
 
 #[test]
-#[ignore = "needs NATS JetStream, Redis, RabbitMQ, PostgreSQL and Mosquitto: set FACTLINE_TEST_NATS_URL, FACTLINE_TEST_REDIS_URL, FACTLINE_TEST_AMQP_URL, FACTLINE_TEST_POSTGRES_URL and FACTLINE_TEST_MQTT_URL"]
+#[ignore = "needs NATS JetStream, Redis, RabbitMQ, PostgreSQL, Mosquitto and a Kafka broker: set FACTLINE_TEST_NATS_URL, FACTLINE_TEST_REDIS_URL, FACTLINE_TEST_AMQP_URL, FACTLINE_TEST_POSTGRES_URL, FACTLINE_TEST_MQTT_URL and FACTLINE_TEST_KAFKA_URL"]
 fn every_w8_adapter_moves_every_message() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -15,6 +15,7 @@ fn every_w8_adapter_moves_every_message() -> anyhow::Result<()> {
     options.amqp_url = std::env::var("FACTLINE_TEST_AMQP_URL")?;
     options.mqtt_url = std::env::var("FACTLINE_TEST_MQTT_URL")?;
     options.postgres_url = std::env::var("FACTLINE_TEST_POSTGRES_URL")?;
+    options.kafka_url = std::env::var("FACTLINE_TEST_KAFKA_URL")?;
     let rows = runtime.block_on(run_w8(&options))?;
     eprintln!("{}", render_w8(&rows));
     assert_eq!(rows.len(), W8Adapter::ALL.len() * 2);

@@ -22,7 +22,7 @@ struct Cli {
     /// Messages per phase.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     messages: Option<u32>,
-    /// Adapters, comma separated (default: all): nats, redis, rabbitmq, sql, mqtt.
+    /// Adapters, comma separated (default: all): nats, redis, rabbitmq, sql, mqtt, kafka.
     #[arg(long, value_delimiter = ',', value_name = "a,b")]
     adapters: Option<Vec<String>>,
     /// The NATS server.
@@ -60,6 +60,13 @@ struct Cli {
         default_value = "mqtt://127.0.0.1:1883"
     )]
     mqtt_url: String,
+    /// The Kafka bootstrap brokers (`host:port[,host:port…]`).
+    #[arg(
+        long,
+        env = "FACTLINE_BENCH_KAFKA_URL",
+        default_value = "127.0.0.1:9092"
+    )]
+    kafka_url: String,
     /// Also write the rows as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
@@ -79,6 +86,7 @@ fn main() -> anyhow::Result<()> {
     options.postgres_url = cli.postgres_url;
     options.amqp_url = cli.amqp_url;
     options.mqtt_url = cli.mqtt_url;
+    options.kafka_url = cli.kafka_url;
     if let Some(names) = cli.adapters {
         let mut adapters = Vec::new();
         for name in names {
