@@ -410,6 +410,18 @@ fn millis(duration: Duration) -> String {
     duration.as_millis().min(i32::MAX as u128).to_string()
 }
 
+/// `duration` in whole milliseconds, for errors that report a limit.
+pub(crate) fn millis_u64(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A publish that did not finish within `timeout`.
+fn timed_out(timeout: Duration) -> PublishError {
+    PublishError::TimedOut {
+        timeout_ms: millis_u64(timeout),
+    }
+}
+
 fn check_prefix(field: &'static str, prefix: &str) -> Result<(), ConnectError> {
     if let Some(bad) = prefix.chars().find(|c| !is_topic_char(*c)) {
         return Err(ConnectError::InvalidConfig {
@@ -687,8 +699,7 @@ impl KafkaPubSub {
                 .fetch_metadata(None, probe.config.connect_timeout)
         })
         .await;
-        let timeout_ms =
-            u64::try_from(shared.config.connect_timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout_ms = millis_u64(shared.config.connect_timeout);
         match metadata {
             Ok(Ok(_)) => {}
             Ok(Err(source)) => {
@@ -802,11 +813,7 @@ fn producer_stuck(error: &KafkaError, producer: &FutureProducer) -> bool {
 
 fn publish_error(error: KafkaError, timeout: Duration) -> PublishError {
     match error {
-        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut) => {
-            PublishError::TimedOut {
-                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            }
-        }
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut) => timed_out(timeout),
         other => PublishError::Transport(Box::new(other)),
     }
 }
@@ -867,9 +874,7 @@ impl Publisher for KafkaPublisher {
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         if tokio::time::Instant::now() >= deadline {
-                            return Err(PublishError::TimedOut {
-                                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                            });
+                            return Err(timed_out(timeout));
                         }
                         record = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -914,7 +919,7 @@ impl Publisher for KafkaPublisher {
             Ok(()) => Ok(()),
             Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
                 Err(CloseError::TimedOut {
-                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    timeout_ms: millis_u64(timeout),
                     pending: usize::try_from(producer.in_flight_count()).unwrap_or(0),
                 })
             }

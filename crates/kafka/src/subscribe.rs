@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, Place};
-use crate::{Shared, kafka_topic_name, millis};
+use crate::{Shared, kafka_topic_name, millis, millis_u64};
 
 /// Subscribes to Kafka topics; see [`KafkaPubSub::subscriber`](crate::KafkaPubSub::subscriber)
 /// and [`KafkaPubSub::subscriber_in_group`](crate::KafkaPubSub::subscriber_in_group).
@@ -237,7 +237,7 @@ impl Subscriber for KafkaSubscriber {
         match tokio::time::timeout(timeout + Duration::from_secs(1), all).await {
             Ok(()) => Ok(()),
             Err(_) => Err(CloseError::TimedOut {
-                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms: millis_u64(timeout),
                 pending,
             }),
         }
