@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{config, url};
+use common::{config, next, url};
 use factline_kafka::{ConnectError, ID_HEADER, KafkaConfig, KafkaPubSub};
 use factline_messaging::testkit::support::unique_name;
 use factline_messaging::{
@@ -20,17 +20,6 @@ use futures::StreamExt as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn next(stream: &mut MessageStream, what: &str) -> Message {
-    match tokio::time::timeout(RECEIVE_TIMEOUT, stream.next()).await {
-        Ok(Some(Ok(message))) => message,
-        Ok(Some(Err(error))) => panic!("{what}: receive error {error}"),
-        Ok(None) => panic!("{what}: the stream ended"),
-        Err(_) => panic!("{what}: nothing within {RECEIVE_TIMEOUT:?}"),
-    }
-}
 
 /// Nothing more arrives within `quiet`.
 async fn assert_silent(stream: &mut MessageStream, quiet: Duration, what: &str) {

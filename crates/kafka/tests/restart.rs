@@ -19,14 +19,12 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{KafkaFixture, restart_command, restart_config};
+use common::{KafkaFixture, next, restart_command, restart_config};
 use factline_kafka::KafkaPubSub;
 use factline_messaging::testkit::support::unique_name;
 use factline_messaging::testkit::{Verdict, cases, run_restart_command};
 use factline_messaging::{Message, MessageStream, Publisher as _, Subscriber as _};
-use futures::StreamExt as _;
 
-const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,15 +48,9 @@ async fn reconnect_after_broker_restart_loses_nothing() {
 }
 
 async fn receive(stream: &mut MessageStream, what: &str) -> Message {
-    match tokio::time::timeout(RECEIVE_TIMEOUT, stream.next()).await {
-        Ok(Some(Ok(message))) => {
-            assert!(message.ack(), "{what}: the ack was not taken");
-            message
-        }
-        Ok(Some(Err(error))) => panic!("{what}: the subscription failed: {error}"),
-        Ok(None) => panic!("{what}: the subscription ended"),
-        Err(_) => panic!("{what}: nothing arrived within {RECEIVE_TIMEOUT:?}"),
-    }
+    let message = next(stream, what).await;
+    assert!(message.ack(), "{what}: the ack was not taken");
+    message
 }
 
 async fn publish_retrying(kafka: &KafkaPubSub, topic: &str, message: &Message) {

@@ -7,7 +7,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use factline_kafka::{KafkaConfig, KafkaPubSub};
 use factline_messaging::testkit::{Features, PubSubFixture, run_restart_command};
-use factline_messaging::{Publisher, Subscriber};
+use factline_messaging::{Message, MessageStream, Publisher, Subscriber};
+use futures::StreamExt as _;
+
+/// How long the tests wait for one message.
+pub(crate) const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The next message of `stream`, within [`RECEIVE_TIMEOUT`]; panics naming `what` otherwise.
+pub(crate) async fn next(stream: &mut MessageStream, what: &str) -> Message {
+    match tokio::time::timeout(RECEIVE_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(message))) => message,
+        Ok(Some(Err(error))) => panic!("{what}: receive error {error}"),
+        Ok(None) => panic!("{what}: the stream ended"),
+        Err(_) => panic!("{what}: nothing within {RECEIVE_TIMEOUT:?}"),
+    }
+}
 
 pub(crate) fn url() -> String {
     std::env::var("FACTLINE_TEST_KAFKA_URL")
