@@ -17,149 +17,118 @@ pub async fn check_dedup_store(
     ttl: Duration,
 ) {
     assert!(ttl > claim_ttl, "check_dedup_store wants ttl > claim_ttl");
+    let first = Handle {
+        name: "first",
+        store: first,
+    };
+    let second = Handle {
+        name: "second",
+        store: second,
+    };
     let scope = unique_name("handler");
     let other_scope = unique_name("other_handler");
-    let begin = |store: &'static str, claim: Claim, expected: Claim, rule: &str| {
-        assert_eq!(claim, expected, "{store}: {rule}");
-    };
-    begin(
-        "first",
-        first
-            .begin(&scope, "k1")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "a key never seen is new",
-    );
-    begin(
-        "second",
-        second
-            .begin(&scope, "k1")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::InProgress,
-        "a live claim is in progress for everyone else",
-    );
-    begin(
-        "second",
-        second
-            .begin(&other_scope, "k1")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "scopes are separate",
-    );
+    use Claim::{AlreadyDone, InProgress, New};
+
     first
-        .release(&scope, "k1")
-        .await
-        .unwrap_or_else(|e| panic!("release: {e}"));
-    begin(
-        "second",
-        second
-            .begin(&scope, "k1")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "a released claim is free again",
-    );
+        .begin(&scope, "k1", New, "a key never seen is new")
+        .await;
     second
-        .complete(&scope, "k1")
-        .await
-        .unwrap_or_else(|e| panic!("complete: {e}"));
-    begin(
-        "first",
-        first
-            .begin(&scope, "k1")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::AlreadyDone,
-        "a completed key is done for everyone",
-    );
+        .begin(
+            &scope,
+            "k1",
+            InProgress,
+            "a live claim is in progress for everyone else",
+        )
+        .await;
+    second
+        .begin(&other_scope, "k1", New, "scopes are separate")
+        .await;
+    first.release(&scope, "k1").await;
+    second
+        .begin(&scope, "k1", New, "a released claim is free again")
+        .await;
+    second.complete(&scope, "k1").await;
     first
-        .release(&scope, "k1")
-        .await
-        .unwrap_or_else(|e| panic!("release: {e}"));
-    begin(
-        "first",
-        first
-            .begin(&scope, "k1")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::AlreadyDone,
-        "release never forgets a done key",
-    );
+        .begin(
+            &scope,
+            "k1",
+            AlreadyDone,
+            "a completed key is done for everyone",
+        )
+        .await;
+    first.release(&scope, "k1").await;
+    first
+        .begin(
+            &scope,
+            "k1",
+            AlreadyDone,
+            "release never forgets a done key",
+        )
+        .await;
     // Keys of any length and content.
     let long = format!("{}/{}", "x".repeat(300), "\u{e9}\u{0}");
-    begin(
-        "first",
-        first
-            .begin(&scope, &long)
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "a long key is new",
-    );
-    first
-        .complete(&scope, &long)
-        .await
-        .unwrap_or_else(|e| panic!("complete: {e}"));
-    begin(
-        "second",
-        second
-            .begin(&scope, &long)
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::AlreadyDone,
-        "a long key is remembered",
-    );
+    first.begin(&scope, &long, New, "a long key is new").await;
+    first.complete(&scope, &long).await;
+    second
+        .begin(&scope, &long, AlreadyDone, "a long key is remembered")
+        .await;
     let longer = format!("{long}!");
-    begin(
-        "second",
-        second
-            .begin(&scope, &longer)
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "long keys that differ are different",
-    );
+    second
+        .begin(&scope, &longer, New, "long keys that differ are different")
+        .await;
 
     // An abandoned claim is taken over after claim_ttl; a done key is forgotten after ttl.
-    begin(
-        "first",
-        first
-            .begin(&scope, "k2")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "a second key is new",
-    );
+    first.begin(&scope, "k2", New, "a second key is new").await;
     tokio::time::sleep(claim_ttl + claim_ttl / 5).await;
-    begin(
-        "second",
-        second
-            .begin(&scope, "k2")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "a claim older than claim_ttl is taken over",
-    );
-    begin(
-        "first",
-        first
-            .begin(&scope, "k1")
-            .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::AlreadyDone,
-        "a done key is kept for ttl, beyond claim_ttl",
-    );
+    second
+        .begin(
+            &scope,
+            "k2",
+            New,
+            "a claim older than claim_ttl is taken over",
+        )
+        .await;
+    first
+        .begin(
+            &scope,
+            "k1",
+            AlreadyDone,
+            "a done key is kept for ttl, beyond claim_ttl",
+        )
+        .await;
     tokio::time::sleep(ttl - claim_ttl).await;
-    begin(
-        "first",
-        first
-            .begin(&scope, "k1")
+    first
+        .begin(&scope, "k1", New, "a done key older than ttl is forgotten")
+        .await;
+}
+
+/// One of the two stores under check, named in its failures.
+struct Handle<'a> {
+    name: &'static str,
+    store: &'a dyn DedupStore,
+}
+
+impl Handle<'_> {
+    async fn begin(&self, scope: &str, key: &str, expected: Claim, rule: &str) {
+        let claim = self
+            .store
+            .begin(scope, key)
             .await
-            .unwrap_or_else(|e| panic!("begin: {e}")),
-        Claim::New,
-        "a done key older than ttl is forgotten",
-    );
+            .unwrap_or_else(|e| panic!("{}: begin: {e}", self.name));
+        assert_eq!(claim, expected, "{}: {rule}", self.name);
+    }
+
+    async fn complete(&self, scope: &str, key: &str) {
+        self.store
+            .complete(scope, key)
+            .await
+            .unwrap_or_else(|e| panic!("{}: complete: {e}", self.name));
+    }
+
+    async fn release(&self, scope: &str, key: &str) {
+        self.store
+            .release(scope, key)
+            .await
+            .unwrap_or_else(|e| panic!("{}: release: {e}", self.name));
+    }
 }
