@@ -15,6 +15,14 @@ use tokio_util::sync::CancellationToken;
 /// tries to take it.
 pub(crate) const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A standby's wait before its next try at the lock: false when `shutdown` came first.
+pub(crate) async fn wait_for_next_try(shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(LOCK_CHECK_INTERVAL) => true,
+    }
+}
+
 /// Why a backend's `run_forwarder` stopped other than by its shutdown.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -34,7 +34,9 @@ use crate::engine::{
     Claimed, InvalidGroup, Row, Rows, Settings, SqlSubscriber, Store, boxed, check_group,
     check_settings, millis, staged,
 };
-use crate::forwarding::{LOCK_CHECK_INTERVAL, RunForwarderError, forward_while_locked};
+use crate::forwarding::{
+    LOCK_CHECK_INTERVAL, RunForwarderError, forward_while_locked, wait_for_next_try,
+};
 use crate::names::table_for_topic;
 pub use dedup::MySqlDedupStore;
 
@@ -447,12 +449,9 @@ impl MySqlPubSub {
             if locked == Some(1) {
                 break;
             }
-            tokio::select! {
-                () = shutdown.cancelled() => {
-                    let _ = conn.close().await;
-                    return Ok(());
-                }
-                () = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
+            if !wait_for_next_try(&shutdown).await {
+                let _ = conn.close().await;
+                return Ok(());
             }
         }
         let lock_lost = async {

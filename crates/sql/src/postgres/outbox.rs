@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PgPublisher, boxed};
 pub use crate::forwarding::RunForwarderError;
-use crate::forwarding::{LOCK_CHECK_INTERVAL, forward_while_locked};
+use crate::forwarding::{LOCK_CHECK_INTERVAL, forward_while_locked, wait_for_next_try};
 
 /// The metadata key that carries a staged message's destination topic.
 pub const OUTBOX_DESTINATION_KEY: &str = DESTINATION_KEY;
@@ -101,9 +101,8 @@ impl PgOutbox {
             if locked {
                 break;
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
+            if !wait_for_next_try(&shutdown).await {
+                return Ok(());
             }
         }
         let lock_lost = async {

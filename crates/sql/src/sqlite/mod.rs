@@ -35,7 +35,9 @@ use crate::engine::{
     Claimed, InvalidGroup, Row, Rows, Settings, SqlSubscriber, Store, boxed, check_group,
     check_settings, millis, staged,
 };
-use crate::forwarding::{LOCK_CHECK_INTERVAL, RunForwarderError, forward_while_locked};
+use crate::forwarding::{
+    LOCK_CHECK_INTERVAL, RunForwarderError, forward_while_locked, wait_for_next_try,
+};
 use crate::names::table_for_topic;
 pub use dedup::SqliteDedupStore;
 
@@ -436,9 +438,8 @@ impl SqlitePubSub {
             if taken.rows_affected() == 1 {
                 break;
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
+            if !wait_for_next_try(&shutdown).await {
+                return Ok(());
             }
         }
         let renew_every = LOCK_CHECK_INTERVAL.min(lease / 3);
